@@ -1,0 +1,112 @@
+"""Building blocks shared by every variant: padded convs, pools and shortcuts.
+
+Pools and the shortcut are Linen modules (not bare functions) so that the
+layout table can observe them when it traces the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# torchvision initialises convs with kaiming_normal_(mode='fan_out').
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def torch_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """PyTorch's symmetric padding k // 2 on both sides.
+
+  XLA's 'SAME' pads (0, 1) for a stride-2 3x3 on even inputs and (2, 3) for
+  the 7x7 stem: same output shape, windows shifted by one pixel.
+  """
+  p = (kernel - 1) // 2
+  return ((p, p), (p, p))
+
+
+def make_conv(padding_mode: str, dtype, param_dtype) -> Callable[..., nn.Conv]:
+  """Returns conv(features, kernel, stride, name, groups) -> nn.Conv."""
+
+  def conv(features: int, kernel: int, stride: int = 1, *, name: str,
+           groups: int = 1, use_bias: bool = False) -> nn.Conv:
+    padding = 'SAME' if padding_mode == 'same' else torch_padding(kernel)
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding,
+        feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, kernel_init=conv_kernel_init, name=name)
+
+  return conv
+
+
+def make_norm(train: bool, momentum: float, eps: float, dtype,
+              param_dtype) -> Callable[..., nn.BatchNorm]:
+  return functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=momentum,
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype)
+
+
+class MaxPool(nn.Module):
+  """3x3/2 max-pool; torch pads (1, 1) with -inf, XLA SAME pads (0, 1)."""
+  window: int = 3
+  stride: int = 2
+  padding_mode: str = 'torch'
+
+  @nn.compact
+  def __call__(self, x):
+    padding = ('SAME' if self.padding_mode == 'same' else
+               torch_padding(self.window))
+    return nn.max_pool(x, (self.window,) * 2, (self.stride,) * 2, padding)
+
+
+class AvgPool(nn.Module):
+  """ResNet-D shortcut pool: ceil_mode=True, count_include_pad=False."""
+  window: int = 2
+  stride: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    pads = []
+    for size in x.shape[1:3]:
+      out = -(-(size - self.window) // self.stride) + 1
+      pads.append((0, max(0, (out - 1) * self.stride + self.window - size)))
+    return nn.avg_pool(x, (self.window,) * 2, (self.stride,) * 2,
+                       padding=tuple(pads), count_include_pad=False)
+
+
+class Shortcut(nn.Module):
+  """The residual branch's skip path.
+
+  mode 'A': subsample x[::s, ::s] and zero-pad channels (no parameters).
+  mode 'conv': 1x1 projection with the block's stride (+ BN unless preact).
+  mode 'avgpool_conv': 2x2 avg-pool with the stride, then 1x1/1 conv + BN.
+  """
+  mode: str
+  out_channels: int
+  stride: int
+  conv: Callable[..., nn.Module]
+  norm: Optional[Callable[..., nn.Module]]
+  zero_pad: str = 'both'
+
+  @nn.compact
+  def __call__(self, x):
+    if self.mode == 'A':
+      if self.stride > 1:
+        x = x[:, ::self.stride, ::self.stride, :]
+      extra = self.out_channels - x.shape[-1]
+      before = extra // 2 if self.zero_pad == 'both' else 0
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (before, extra - before)))
+    if self.mode == 'avgpool_conv':
+      if self.stride > 1:
+        x = AvgPool(2, self.stride, name='pool')(x)
+      x = self.conv(self.out_channels, 1, 1, name='conv')(x)
+    elif self.mode == 'conv':
+      x = self.conv(self.out_channels, 1, self.stride, name='conv')(x)
+    else:
+      raise ValueError(f'unknown shortcut mode {self.mode!r}')
+    if self.norm is not None:
+      x = self.norm(name='bn')(x)
+    return x

@@ -1,0 +1,424 @@
+"""Stride/shortcut layout, derived by tracing the module, and held against references.
+
+The table is never written by hand: `derive_layout` runs `model.init` under
+`jax.eval_shape` with a Flax method interceptor and records every submodule
+call (its type, attributes and in/out shapes). Rows are built from what was
+observed, so the table can only describe the network that actually runs.
+
+    python -m flax_resnet.layout resnet50 [--reference torchvision] [k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import re
+import sys
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_resnet import layers
+from flax_resnet import references
+from flax_resnet.model import ResidualBlock, ResNet, Stem
+from flax_resnet.zoo import create_model
+
+_BLOCK_NAME = re.compile(r'^stage(\d+)_block(\d+)$')
+
+# Fields compared against a reference row, with the words used for mismatches.
+COMPARED_FIELDS = {
+    'in_channels': 'input channels',
+    'out_channels': 'output channels',
+    'in_size': 'input size',
+    'out_size': 'output size',
+    'stride_at': 'strided conv',
+    'shortcut': 'shortcut',
+    'shortcut_stride': 'shortcut stride',
+    'shortcut_norm': 'BN on the shortcut',
+    'params': 'parameters',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  path: tuple[str, ...]
+  module: nn.Module
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRow:
+  stage: int
+  index: int
+  in_channels: int
+  out_channels: int
+  in_size: tuple[int, int]
+  out_size: tuple[int, int]
+  stride_conv: str  # e.g. 'conv2', or '' when the block keeps the size
+  stride_at: str  # kernel of the strided conv: '1x1', '3x3' or 'none'
+  shortcut: str  # 'identity', 'zero-pad', 'projection', 'avgpool+projection'
+  shortcut_stride: int
+  shortcut_norm: bool
+  params: int
+
+  def shortcut_text(self) -> str:
+    if self.shortcut == 'identity':
+      return 'identity'
+    if self.shortcut == 'zero-pad':
+      step = (f'x[::{self.shortcut_stride}, ::{self.shortcut_stride}]'
+              if self.shortcut_stride > 1 else 'x')
+      zeros = self.out_channels - self.in_channels
+      return f'A: {step} + {zeros} zero channels (0 params)'
+    norm = ' + BN' if self.shortcut_norm else ''
+    conv = f'1x1 conv s{self.shortcut_stride}' if self.shortcut == 'projection' \
+        else '1x1 conv s1'
+    pool = 'avgpool 2x2/2 -> ' if self.shortcut == 'avgpool+projection' else ''
+    return f'{pool}{conv}{norm}'
+
+  def to_json(self) -> dict[str, Any]:
+    row = dataclasses.asdict(self)
+    row['in_size'] = list(self.in_size)
+    row['out_size'] = list(self.out_size)
+    return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  model: str
+  input_shape: tuple[int, ...]
+  stem: str
+  stem_out_channels: int
+  stem_out_size: tuple[int, int]
+  stem_params: int
+  blocks: tuple[BlockRow, ...]
+  head: str
+  head_params: int
+  total_params: int
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        'stem': {'out_channels': self.stem_out_channels,
+                 'out_size': list(self.stem_out_size),
+                 'params': self.stem_params},
+        'blocks': [b.to_json() for b in self.blocks],
+        'total_params': self.total_params,
+    }
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def trace(model: ResNet, input_shape: Sequence[int]):
+  """Runs model.init abstractly; returns (calls in call order, param shapes)."""
+  calls: list[tuple[int, Call]] = []
+  counter = [0]
+
+  def record(next_fun, args, kwargs, context):
+    order = counter[0]
+    counter[0] += 1
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and args:
+      calls.append((order, Call(tuple(context.module.path), context.module,
+                                tuple(args[0].shape), tuple(out.shape))))
+    return out
+
+  def init():
+    return model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32),
+                      train=False)
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(init)
+  return [c for _, c in sorted(calls, key=lambda oc: oc[0])], variables
+
+
+def _describe_op(call: Call) -> str:
+  m = call.module
+  if isinstance(m, nn.Conv):
+    k = m.kernel_size[0]
+    s = m.strides[0] if m.strides else 1
+    groups = f' g{m.feature_group_count}' if m.feature_group_count > 1 else ''
+    return f'conv{k}x{k}/{s}{groups}'
+  if isinstance(m, nn.BatchNorm):
+    return 'BN'
+  if isinstance(m, layers.MaxPool):
+    return f'maxpool{m.window}x{m.window}/{m.stride}'
+  if isinstance(m, layers.AvgPool):
+    return f'avgpool{m.window}x{m.window}/{m.stride}'
+  return type(m).__name__
+
+
+def _block_row(block: Call, children: list[Call], params: int) -> BlockRow:
+  stage, index = (int(g) for g in _BLOCK_NAME.match(block.path[-1]).groups())
+  depth = len(block.path)
+  main = [c for c in children if c.path[depth] != 'shortcut']
+  skip = [c for c in children if c.path[depth] == 'shortcut']
+  strided = [c for c in main if isinstance(c.module, nn.Conv)
+             and tuple(c.module.strides or (1, 1)) != (1, 1)]
+  stride_conv = strided[0].path[-1] if strided else ''
+  stride_at = ('%dx%d' % tuple(strided[0].module.kernel_size)
+               if strided else 'none')
+  in_size, out_size = block.in_shape[1:3], block.out_shape[1:3]
+
+  shortcut_call = [c for c in skip if isinstance(c.module, layers.Shortcut)]
+  convs = [c for c in skip if isinstance(c.module, nn.Conv)]
+  pools = [c for c in skip if isinstance(c.module, layers.AvgPool)]
+  norms = [c for c in skip if isinstance(c.module, nn.BatchNorm)]
+  if not shortcut_call:
+    kind, sc_stride = 'identity', 1
+  elif convs:
+    kind = 'avgpool+projection' if pools else 'projection'
+    sc_stride = (pools[0].module.stride if pools else convs[0].module.strides[0])
+  else:
+    s = shortcut_call[0]
+    kind, sc_stride = 'zero-pad', s.in_shape[1] // s.out_shape[1]
+  return BlockRow(
+      stage=stage, index=index,
+      in_channels=block.in_shape[-1], out_channels=block.out_shape[-1],
+      in_size=tuple(in_size), out_size=tuple(out_size),
+      stride_conv=stride_conv, stride_at=stride_at,
+      shortcut=kind, shortcut_stride=int(sc_stride),
+      shortcut_norm=bool(norms), params=params)
+
+
+def derive_layout(model: ResNet, input_shape: Sequence[int] = (1, 224, 224, 3),
+                  name: Optional[str] = None) -> Layout:
+  """The model's layout table, built only from what a traced init observes."""
+  calls, variables = trace(model, input_shape)
+  params = variables['params']
+  blocks, stem_ops, stem_call, head_ops = [], [], None, []
+  for call in calls:
+    if isinstance(call.module, ResidualBlock):
+      children = [c for c in calls if c.path[:len(call.path)] == call.path
+                  and len(c.path) > len(call.path)]
+      blocks.append(_block_row(call, children,
+                               _count(params.get(call.path[-1], {}))))
+    elif isinstance(call.module, Stem):
+      stem_call = call
+    elif call.path and call.path[0] == 'stem':
+      stem_ops.append(_describe_op(call))
+    elif len(call.path) == 1 and not isinstance(call.module, ResNet):
+      head_ops.append(call)
+  head_params = sum(_count(params[c.path[0]]) for c in head_ops)
+  head = ' -> '.join(
+      ['BN -> ReLU' if isinstance(c.module, nn.BatchNorm) else
+       f'avgpool -> fc {c.in_shape[-1]}->{c.out_shape[-1]}' for c in head_ops])
+  return Layout(
+      model=name or 'model',
+      input_shape=tuple(input_shape),
+      stem=' -> '.join(stem_ops),
+      stem_out_channels=stem_call.out_shape[-1],
+      stem_out_size=tuple(stem_call.out_shape[1:3]),
+      stem_params=_count(params['stem']),
+      blocks=tuple(sorted(blocks, key=lambda b: (b.stage, b.index))),
+      head=head,
+      head_params=head_params,
+      total_params=_count(params))
+
+
+def layout_of(name: str, image_size: Optional[int] = None,
+              **overrides) -> Layout:
+  model = create_model(name, **overrides)
+  if image_size is None:
+    image_size = 32 if model.spec.stem == 'cifar' else 224
+  return derive_layout(model, (1, image_size, image_size, 3), name)
+
+
+# ----------------------------------------------------------------- comparison
+
+
+def _fmt(value) -> str:
+  if isinstance(value, (list, tuple)):
+    return 'x'.join(str(v) for v in value)
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def compare(layout: Layout, reference: dict[str, Any],
+            reference_name: str) -> list[str]:
+  """Every difference from a reference entry, in words; [] means a match."""
+  problems = []
+  stem = reference.get('stem', {})
+  for key, words in (('out_channels', 'output channels'),
+                     ('out_size', 'output size'), ('params', 'parameters')):
+    want = stem.get(key)
+    have = getattr(layout, f'stem_{key}')
+    if want is not None and _fmt(want) != _fmt(have):
+      problems.append(f'stem: {words} {_fmt(have)} here, {_fmt(want)} in '
+                      f'{reference_name}')
+  ref_blocks = {(b['stage'], b['index']): b for b in reference['blocks']}
+  ours = {(b.stage, b.index): b for b in layout.blocks}
+  for key in sorted(set(ref_blocks) | set(ours)):
+    where = f'stage {key[0]} block {key[1]}'
+    if key not in ours:
+      problems.append(f'{where}: missing here, present in {reference_name}')
+      continue
+    if key not in ref_blocks:
+      problems.append(f'{where}: present here, absent in {reference_name}')
+      continue
+    row, ref = ours[key], ref_blocks[key]
+    for field, words in COMPARED_FIELDS.items():
+      want = ref.get(field)
+      if want is None:
+        continue  # the reference does not define this field comparably
+      have = getattr(row, field)
+      if _fmt(want) != _fmt(have):
+        problems.append(f'{where}: {words} is {_fmt(have)} here but '
+                        f'{_fmt(want)} in {reference_name}')
+  want_total = reference.get('total_params')
+  if want_total is not None and want_total != layout.total_params:
+    problems.append(f'total parameters {layout.total_params:,} here, '
+                    f'{want_total:,} in {reference_name}')
+  return problems
+
+
+class LayoutMismatch(ValueError):
+  """The model's layout differs from its reference; `.problems` lists rows."""
+
+  def __init__(self, model: str, reference: str, problems: list[str]):
+    self.problems = problems
+    lines = '\n  '.join(problems)
+    super().__init__(
+        f'{model}: layout differs from {reference} in {len(problems)} '
+        f'place(s):\n  {lines}\nFix the model overrides, pick the matching '
+        'reference, or set reference=None to train without a reference check.')
+
+
+def check(layout: Layout, reference_name: str,
+          reference_model: Optional[str] = None) -> dict[str, Any]:
+  """Raises LayoutMismatch on any difference; returns the reference entry."""
+  entry = references.lookup(reference_name, reference_model or layout.model,
+                            layout.input_shape[1])
+  problems = compare(layout, entry, reference_name)
+  if problems:
+    raise LayoutMismatch(layout.model, reference_name, problems)
+  return entry
+
+
+# -------------------------------------------------------------------- display
+
+
+def notes(layout: Layout) -> list[str]:
+  """Plain-words answers to 'why is this projection stride 1?' and friends."""
+  out = []
+  for row in layout.blocks:
+    if row.index != 0:
+      continue
+    where = f'stage {row.stage}'
+    if row.shortcut in ('projection', 'avgpool+projection') and \
+        row.in_size == row.out_size and row.in_channels != row.out_channels:
+      out.append(
+          f'{where}: the projection is a 1x1 with stride 1 ({row.in_channels}'
+          f'->{row.out_channels}): only the channels change; the size is '
+          f'already {_fmt(row.in_size)} because the stem '
+          f'({layout.stem}) halved it, so this stage keeps stride 1.')
+    elif row.shortcut == 'identity' and row.stage == 1:
+      out.append(
+          f'{where}: no projection: {row.in_channels}->{row.out_channels} '
+          f'channels at stride 1, so the identity already has the right shape.')
+    elif row.shortcut == 'zero-pad':
+      out.append(
+          f'{where}: option A: the shortcut subsamples with stride '
+          f'{row.shortcut_stride} and appends '
+          f'{row.out_channels - row.in_channels} zero channels; it has no '
+          'parameters.')
+    elif row.shortcut in ('projection', 'avgpool+projection'):
+      out.append(
+          f'{where}: {row.shortcut_text()} ({row.in_channels}->'
+          f'{row.out_channels}, {_fmt(row.in_size)}->{_fmt(row.out_size)}); '
+          f'the main path strides on {row.stride_conv} ({row.stride_at}).')
+  return out
+
+
+def format_table(layout: Layout) -> str:
+  head = ('stage', 'block', 'channels', 'size', 'stride on', 'shortcut',
+          'params')
+  rows = [head]
+  rows.append(('stem', '', f'{layout.input_shape[-1]}->'
+               f'{layout.stem_out_channels}',
+               f'{layout.input_shape[1]}->{layout.stem_out_size[0]}',
+               layout.stem, '', f'{layout.stem_params:,}'))
+  for b in layout.blocks:
+    stride = (f'{b.stride_conv} {b.stride_at} s{b.in_size[0] // b.out_size[0]}'
+              if b.stride_conv else '-')
+    rows.append((str(b.stage), str(b.index),
+                 f'{b.in_channels}->{b.out_channels}',
+                 f'{b.in_size[0]}->{b.out_size[0]}', stride,
+                 b.shortcut_text(), f'{b.params:,}'))
+  rows.append(('head', '', '', '', layout.head, '', f'{layout.head_params:,}'))
+  rows.append(('total', '', '', '', '', '', f'{layout.total_params:,}'))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  lines = ['  '.join(c.ljust(w) if i < len(head) - 1 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(r, widths)))
+           for r in rows]
+  lines.insert(1, '-' * len(lines[0]))
+  return '\n'.join(lines)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+  if '=' not in text:
+    raise argparse.ArgumentTypeError(
+        f'override {text!r} must look like field=value, e.g. shortcut=A')
+  key, value = text.split('=', 1)
+  if value == 'None':
+    return key, None
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m flax_resnet.layout',
+      description='Print a ResNet\'s stride/shortcut layout, derived from the '
+      'module, and check it against a reference implementation.')
+  parser.add_argument('model', help='preset name (see flax_resnet.list_models())')
+  parser.add_argument('overrides', nargs='*', type=_parse_override,
+                      help='spec overrides such as shortcut=A stride_in=1x1')
+  parser.add_argument('--reference', default='default',
+                      help='torchvision, timm, gluon_v1, gluon_v2, keras, '
+                      "keras_v2, paper, or 'none'. Default: the preset's own.")
+  parser.add_argument('--reference-model', default=None,
+                      help='entry in the reference table (default: the model)')
+  parser.add_argument('--size', type=int, default=None,
+                      help='input height/width (default 224, CIFAR nets 32)')
+  args = parser.parse_args(argv)
+  try:
+    overrides = dict(args.overrides)
+    layout = layout_of(args.model, args.size, **overrides)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  reference = args.reference
+  if reference == 'default':
+    reference = create_model(args.model, **overrides).spec.reference
+  print(f'{args.model}  input {_fmt(layout.input_shape[1:])}')
+  print(format_table(layout))
+  print()
+  for line in notes(layout):
+    print(f'* {line}')
+  if reference in (None, 'none'):
+    print('\nreference: none (no check)')
+    return 0
+  try:
+    check(layout, reference, args.reference_model)
+  except LayoutMismatch as e:
+    print(f'\nreference {reference}: MISMATCH')
+    for problem in e.problems:
+      print(f'  - {problem}')
+    return 1
+  except (KeyError, ValueError) as e:
+    print(f'\nerror: {e}', file=sys.stderr)
+    return 2
+  print(f'\nreference {reference}: MATCH ({len(layout.blocks)} blocks, stem, '
+        'strides, shortcuts and parameter counts agree)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,178 @@
+"""The ResNet Linen module: one module, driven entirely by a ResNetSpec."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flax_resnet import layers
+from flax_resnet.spec import ResNetSpec
+
+ModuleDef = Any
+
+
+class ResidualBlock(nn.Module):
+  """Basic or bottleneck block, post- or pre-activation.
+
+  Submodule names follow torchvision (conv1/bn1/...), so conversion is a
+  rename and the layout table can name the conv that carries the stride.
+  """
+  block: str
+  out_channels: int
+  width: int
+  stride: int
+  groups: int
+  stride_in: str
+  preact: bool
+  shortcut_mode: Optional[str]
+  zero_pad: str
+  zero_init_last_bn: bool
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+
+  @nn.compact
+  def __call__(self, x):
+    if self.block == 'basic':
+      convs = [(self.out_channels, 3, self.stride, 1),
+               (self.out_channels, 3, 1, 1)]
+    else:
+      reduce_stride = self.stride if self.stride_in == '1x1' else 1
+      middle_stride = self.stride if self.stride_in == '3x3' else 1
+      convs = [(self.width, 1, reduce_stride, 1),
+               (self.width, 3, middle_stride, self.groups),
+               (self.out_channels, 1, 1, 1)]
+
+    shortcut = None
+    if self.shortcut_mode is not None:
+      shortcut = layers.Shortcut(
+          self.shortcut_mode, self.out_channels, self.stride, self.conv,
+          None if self.preact else self.norm, self.zero_pad, name='shortcut')
+
+    if self.preact:
+      out = nn.relu(self.norm(name='bn1')(x))
+      # He et al. 2016 / Gluon V2: projections see the pre-activated input,
+      # identity and option A see the raw input.
+      if shortcut is None:
+        residual = x
+      else:
+        residual = shortcut(x if self.shortcut_mode == 'A' else out)
+      y = out
+      for i, (features, kernel, stride, groups) in enumerate(convs):
+        if i:
+          y = nn.relu(self.norm(name=f'bn{i + 1}')(y))
+        y = self.conv(features, kernel, stride, groups=groups,
+                      name=f'conv{i + 1}')(y)
+      return y + residual
+
+    residual = x if shortcut is None else shortcut(x)
+    y = x
+    last = len(convs) - 1
+    for i, (features, kernel, stride, groups) in enumerate(convs):
+      y = self.conv(features, kernel, stride, groups=groups,
+                    name=f'conv{i + 1}')(y)
+      scale_init = (nn.initializers.zeros
+                    if i == last and self.zero_init_last_bn else
+                    nn.initializers.ones)
+      y = self.norm(scale_init=scale_init, name=f'bn{i + 1}')(y)
+      if i != last:
+        y = nn.relu(y)
+    return nn.relu(y + residual)
+
+
+class Stem(nn.Module):
+  kind: str
+  width: int
+  preact: bool
+  padding_mode: str
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == 'deep':
+      half = self.width // 2
+      for i, (features, stride) in enumerate([(half, 2), (half, 1)]):
+        x = self.conv(features, 3, stride, name=f'conv1_{i + 1}')(x)
+        x = nn.relu(self.norm(name=f'bn1_{i + 1}')(x))
+      x = self.conv(self.width, 3, 1, name='conv1_3')(x)
+    elif self.kind == 'imagenet':
+      x = self.conv(self.width, 7, 2, name='conv1')(x)
+    else:
+      x = self.conv(self.width, 3, 1, name='conv1')(x)
+    if not self.preact:
+      # A pre-activation net normalises at the start of the first block.
+      x = nn.relu(self.norm(name='bn1')(x))
+    if self.kind != 'cifar':
+      x = layers.MaxPool(3, 2, self.padding_mode, name='pool')(x)
+    return x
+
+
+def shortcut_mode(kind: str, stride: int, in_channels: int,
+                  out_channels: int) -> Optional[str]:
+  """Which skip path a block gets under shortcut option A/B/C/D."""
+  shape_changes = stride != 1 or in_channels != out_channels
+  if kind == 'C':
+    return 'conv'
+  if not shape_changes:
+    return None
+  return {'A': 'A', 'B': 'conv', 'D': 'avgpool_conv'}[kind]
+
+
+class ResNet(nn.Module):
+  """ResNet of any depth, shortcut option, stride placement or activation order.
+
+  Call as `model.apply(variables, images, train=False)` with NHWC float images.
+  Train mode updates `batch_stats` (pass mutable=['batch_stats']). Per-stage
+  features are sown into the 'intermediates' collection.
+  """
+  spec: ResNetSpec
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    spec = self.spec
+    if getattr(x, 'ndim', None) != 4:
+      raise ValueError(
+          f'images must be a rank-4 NHWC batch (batch, height, width, '
+          f'channels); got shape {getattr(x, "shape", None)}. Add a batch axis '
+          'with x[None] or transpose NCHW input with x.transpose(0, 2, 3, 1).')
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(
+          f'images have dtype {x.dtype}; the model expects normalised floats. '
+          'Convert with images.astype(jnp.float32) / 255 and normalise.')
+    conv = layers.make_conv(spec.padding, spec.dtype, spec.param_dtype)
+    norm = layers.make_norm(train, spec.bn_momentum, spec.bn_eps, spec.dtype,
+                            spec.param_dtype)
+
+    x = Stem(spec.stem, spec.stem_width, spec.preact, spec.padding, conv, norm,
+             name='stem')(x)
+    self.sow('intermediates', 'stem', x)
+    in_channels = spec.stem_width
+    for stage, depth in enumerate(spec.depths):
+      out_channels = spec.stage_out_channels(stage)
+      for index in range(depth):
+        stride = spec.stage_strides[stage] if index == 0 else 1
+        x = ResidualBlock(
+            block=spec.block,
+            out_channels=out_channels,
+            width=spec.bottleneck_width(stage),
+            stride=stride,
+            groups=spec.groups,
+            stride_in=spec.stride_in,
+            preact=spec.preact,
+            shortcut_mode=shortcut_mode(spec.shortcut, stride, in_channels,
+                                        out_channels),
+            zero_pad=spec.zero_pad,
+            zero_init_last_bn=spec.zero_init_last_bn,
+            conv=conv,
+            norm=norm,
+            name=f'stage{stage + 1}_block{index}')(x)
+        in_channels = out_channels
+      self.sow('intermediates', f'stage{stage + 1}', x)
+    if spec.preact:
+      x = nn.relu(norm(name='final_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(spec.num_classes, dtype=spec.dtype,
+                 param_dtype=spec.param_dtype, name='fc')(x)
+    return x.astype(jnp.float32)

@@ -1,0 +1,217 @@
+"""ResNetSpec: every ResNet variant is one value of this dataclass.
+
+A variant is data, never a subclass: depth, block kind, shortcut option, stride
+placement and pre-activation are all fields here, and `validate()` rejects any
+impossible combination before a single parameter is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+BLOCKS = ('basic', 'bottleneck')
+STEMS = ('imagenet', 'deep', 'cifar')
+SHORTCUTS = ('A', 'B', 'C', 'D')
+STRIDE_IN = ('1x1', '3x3')
+PADDINGS = ('torch', 'same')
+ZERO_PAD_PLACEMENTS = ('both', 'after')
+DTYPES = {
+    'float32': jnp.float32,
+    'bfloat16': jnp.bfloat16,
+    'float16': jnp.float16,
+}
+
+
+def _choices(values) -> str:
+  return ', '.join(repr(v) for v in values)
+
+
+def canonical_dtype(value: Any, field: str) -> Any:
+  """Maps 'bfloat16' / jnp.bfloat16 / np.dtype to a jnp dtype, or raises."""
+  if isinstance(value, str):
+    if value not in DTYPES:
+      raise ValueError(
+          f'{field}={value!r} is not a supported dtype; choose one of '
+          f'{_choices(DTYPES)}.')
+    return DTYPES[value]
+  try:
+    name = jnp.dtype(value).name
+  except TypeError as e:
+    raise ValueError(
+        f'{field}={value!r} is not a dtype; choose one of {_choices(DTYPES)}.'
+    ) from e
+  if name not in DTYPES:
+    raise ValueError(
+        f'{field}={name!r} is not a supported dtype; choose one of '
+        f'{_choices(DTYPES)}.')
+  return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  """Everything that distinguishes one ResNet from another.
+
+  Attributes:
+    block: 'basic' (two 3x3) or 'bottleneck' (1x1, 3x3, 1x1).
+    depths: blocks per stage.
+    widths: the 'planes' of each stage (torchvision's naming). A stage's output
+      has widths[i] * expansion channels (expansion 4 for bottlenecks).
+    strides: spatial stride of each stage's first block.
+    groups: grouped-conv cardinality of the 3x3 (ResNeXt).
+    width_per_group: bottleneck width per group; 64 is plain ResNet, 128 with
+      groups=1 is wide_resnet*_2.
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool), 'deep' (three 3x3 convs,
+      ResNet-C) or 'cifar' (one 3x3/1 conv, no pool).
+    stem_width: channels of the stem output ('deep' uses width/2 inside).
+    shortcut: 'A' zero-pad identity, 'B' projection where the shape changes,
+      'C' projection in every block, 'D' 2x2 avg-pool then 1x1 projection.
+    stride_in: in a bottleneck, which conv carries the stride: '1x1' (v1:
+      Caffe, Keras, Gluon V1) or '3x3' (v1.5: torchvision, NVIDIA).
+    preact: pre-activation residual units (ResNet v2, He et al. 2016).
+    zero_pad: option A zero channels 'both' sides (akamaster) or 'after'
+      (fb.resnet.torch). Equivalent up to a channel permutation.
+    num_classes: classifier outputs.
+    zero_init_last_bn: zero gamma of each block's last BN (timm, Flax example).
+    bn_momentum: Flax convention, running = m * running + (1 - m) * batch.
+      torch's momentum=0.1 is 0.9 here.
+    bn_eps: BatchNorm epsilon (torch 1e-5).
+    padding: 'torch' pads symmetrically like PyTorch; 'same' is XLA's
+      asymmetric SAME, kept only to demonstrate why it breaks weight parity.
+    dtype: compute dtype. param_dtype: parameter (and BN statistics) dtype.
+    reference: the reference implementation whose layout this net must match
+      (a key of flax_resnet.references), or None.
+  """
+
+  block: str = 'bottleneck'
+  depths: tuple[int, ...] = (3, 4, 6, 3)
+  widths: tuple[int, ...] = (64, 128, 256, 512)
+  strides: Optional[tuple[int, ...]] = None
+  groups: int = 1
+  width_per_group: int = 64
+  stem: str = 'imagenet'
+  stem_width: int = 64
+  shortcut: str = 'B'
+  stride_in: str = '3x3'
+  preact: bool = False
+  zero_pad: str = 'both'
+  num_classes: int = 1000
+  zero_init_last_bn: bool = False
+  bn_momentum: float = 0.9
+  bn_eps: float = 1e-5
+  padding: str = 'torch'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  reference: Optional[str] = None
+
+  @property
+  def expansion(self) -> int:
+    return 4 if self.block == 'bottleneck' else 1
+
+  @property
+  def stage_strides(self) -> tuple[int, ...]:
+    if self.strides is not None:
+      return tuple(self.strides)
+    return (1,) + (2,) * (len(self.depths) - 1)
+
+  def stage_out_channels(self, stage: int) -> int:
+    return self.widths[stage] * self.expansion
+
+  def bottleneck_width(self, stage: int) -> int:
+    return int(self.widths[stage] * (self.width_per_group / 64.0)) * self.groups
+
+  def replace(self, **overrides) -> 'ResNetSpec':
+    known = {f.name for f in dataclasses.fields(self)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise ValueError(
+          f'Unknown model field(s) {_choices(unknown)}; valid fields are '
+          f'{_choices(sorted(known))}.')
+    return dataclasses.replace(self, **overrides)
+
+  def validate(self) -> 'ResNetSpec':
+    """Returns a normalised copy, or raises ValueError naming the field."""
+
+    def choice(field, value, valid):
+      if value not in valid:
+        raise ValueError(
+            f'{field}={value!r} is not valid; choose one of {_choices(valid)}.')
+
+    choice('block', self.block, BLOCKS)
+    choice('stem', self.stem, STEMS)
+    choice('shortcut', self.shortcut, SHORTCUTS)
+    choice('stride_in', self.stride_in, STRIDE_IN)
+    choice('padding', self.padding, PADDINGS)
+    choice('zero_pad', self.zero_pad, ZERO_PAD_PLACEMENTS)
+    for field in ('depths', 'widths'):
+      value = getattr(self, field)
+      if (not isinstance(value, (tuple, list)) or not value or
+          not all(isinstance(v, int) and v > 0 for v in value)):
+        raise ValueError(
+            f'{field}={value!r} must be a non-empty sequence of positive '
+            f'integers, one per stage.')
+    if len(self.widths) != len(self.depths):
+      raise ValueError(
+          f'widths has {len(self.widths)} entries but depths has '
+          f'{len(self.depths)}; give one width per stage.')
+    strides = self.stage_strides
+    if len(strides) != len(self.depths) or not all(
+        isinstance(s, int) and s >= 1 for s in strides):
+      raise ValueError(
+          f'strides={self.strides!r} must hold one positive integer per stage '
+          f'({len(self.depths)} stages).')
+    for field in ('groups', 'width_per_group', 'stem_width', 'num_classes'):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'{field}={value!r} must be a positive integer.')
+    if self.block == 'basic':
+      if self.groups != 1 or self.width_per_group != 64:
+        raise ValueError(
+            f'groups={self.groups}, width_per_group={self.width_per_group}: '
+            'basic blocks support only groups=1 and width_per_group=64 (as in '
+            "torchvision); use block='bottleneck' for ResNeXt / wide nets.")
+      if self.stride_in != '3x3':
+        raise ValueError(
+            "stride_in='1x1' needs block='bottleneck': a basic block has no "
+            "1x1 conv, its stride always sits on the first 3x3.")
+    if self.preact and self.zero_init_last_bn:
+      raise ValueError(
+          'zero_init_last_bn=True has no effect with preact=True: a '
+          'pre-activation block ends in a conv, not a BatchNorm. Set '
+          'zero_init_last_bn=False.')
+    if self.preact and self.shortcut == 'D':
+      raise ValueError(
+          "shortcut='D' is defined for post-activation nets (ResNet-D); with "
+          "preact=True choose shortcut 'A', 'B' or 'C'.")
+    if self.stem == 'deep' and self.stem_width % 2:
+      raise ValueError(
+          f'stem_width={self.stem_width} must be even for the deep stem, '
+          'whose first two convs have stem_width // 2 channels.')
+    if self.shortcut == 'A' and self.zero_pad == 'both':
+      for stage in range(len(self.depths)):
+        prev = (self.stem_width if stage == 0 else
+                self.stage_out_channels(stage - 1))
+        extra = self.stage_out_channels(stage) - prev
+        if extra < 0:
+          raise ValueError(
+              f"shortcut='A' cannot shrink channels ({prev} -> "
+              f'{self.stage_out_channels(stage)} in stage {stage + 1}); '
+              "use shortcut='B'.")
+    if not 0.0 <= float(self.bn_momentum) < 1.0:
+      raise ValueError(
+          f'bn_momentum={self.bn_momentum} must be in [0, 1) (Flax '
+          'convention: torch momentum 0.1 is bn_momentum 0.9).')
+    if not float(self.bn_eps) > 0:
+      raise ValueError(f'bn_eps={self.bn_eps} must be positive.')
+    if self.reference is not None and not isinstance(self.reference, str):
+      raise ValueError(f'reference={self.reference!r} must be a string or None.')
+    return dataclasses.replace(
+        self,
+        depths=tuple(self.depths),
+        widths=tuple(self.widths),
+        strides=None if self.strides is None else tuple(self.strides),
+        dtype=canonical_dtype(self.dtype, 'dtype'),
+        param_dtype=canonical_dtype(self.param_dtype, 'param_dtype'),
+    )
