@@ -1,0 +1,7 @@
+"""CIFAR-10 ResNet-44, option A, paper recipe (He et al. 2015, Table 6)."""
+
+from configs import cifar_paper
+
+
+def get_config():
+  return cifar_paper.get_config('resnet44')

@@ -1,0 +1,364 @@
+"""train_and_evaluate: layout check, then a jitted, data-parallel optax loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flax_resnet import data as data_lib
+from flax_resnet import layout as layout_lib
+from flax_resnet import references
+from flax_resnet.model import ResNet
+from flax_resnet.train import checkpoint as checkpoint_lib
+from flax_resnet.train import config_check
+from flax_resnet.train import metrics as metrics_lib
+from flax_resnet.train import optim
+from flax_resnet.train import parallel
+from flax_resnet.train import steps as steps_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced NaN/Inf; the last good checkpoint is left untouched."""
+
+
+def enable_compilation_cache(directory: str):
+  if not directory:
+    return
+  path = os.path.expanduser(directory)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+class _StopSignal:
+  """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly."""
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  status: str  # 'completed' or 'preempted'
+  eval_metrics: dict[str, float]
+  train_metrics: dict[str, float]
+  seconds: float
+  workdir: str
+
+
+def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
+  """Prints the derived layout; stops on a mismatch with the reference."""
+  model = ResNet(spec)
+  size = config.image_size
+  layout = layout_lib.derive_layout(model, (1, size, size, 3), config.model)
+  ref = config_check.reference_name(config, spec)
+  if is_lead:
+    print(f'\n{config.model}: {layout.total_params:,} parameters, input '
+          f'{size}x{size}')
+    print(layout_lib.format_table(layout))
+  if ref is None:
+    if is_lead:
+      print('layout reference: none (config.reference=None), not checked')
+    return layout
+  entry_name = config.reference_model or config.model
+  # Reference tables are extracted at their library's native input size.
+  entries = references.load(ref)['models']
+  ref_size = entries.get(entry_name, {}).get('input_size', size)
+  checked = layout if ref_size == size else layout_lib.derive_layout(
+      model, (1, ref_size, ref_size, 3), config.model)
+  layout_lib.check(checked, ref, entry_name)
+  if is_lead:
+    print(f'layout reference {ref} ({entry_name}): MATCH\n')
+  return layout
+
+
+def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
+  fetched = jax.device_get(window)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _first_nonfinite(window_start: int, fetched: list[dict[str, Any]]):
+  for offset, m in enumerate(fetched):
+    if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+      return window_start + offset, m
+  return None
+
+
+def _truncate_metrics(path: pathlib.Path, last_step: int):
+  """On resume, drop records logged after the restored checkpoint."""
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line)['step'] <= last_step]
+  path.write_text(''.join(line + '\n' for line in kept))
+
+
+def evaluate(eval_step, state, eval_iterator, mesh) -> dict[str, float]:
+  totals = None
+  for batch in eval_iterator:
+    out = eval_step(state, parallel.global_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'eval_loss': float(totals['loss_sum']) / count,
+          'eval_top1': float(totals['top1_sum']) / count,
+          'eval_top5': float(totals['top5_sum']) / count,
+          'eval_examples': count}
+
+
+def _load_init_weights(config, spec, state):
+  """config.init_from: a torchvision .pth/.safetensors or an orbax workdir."""
+  from flax_resnet import convert  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(config.init_from)
+  if not os.path.exists(path):
+    raise config_check.ConfigError(
+        f'config.init_from: {path} does not exist; give a torchvision '
+        '.pth/.safetensors file or a training workdir.')
+  if os.path.isdir(path):
+    ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(
+        os.path.join(path, 'checkpoints')) else path
+    mgr = checkpoint_lib.Checkpointer(ckpt_dir, keep=1000, keep_best=False)
+    steps = mgr.all_steps()
+    if not steps:
+      raise config_check.ConfigError(
+          f'config.init_from: no checkpoint found in {ckpt_dir}.')
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    restored = mgr.manager.restore(steps[-1], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+    variables = {'params': restored['params'],
+                 'batch_stats': restored['batch_stats']}
+    mgr.close()
+  else:
+    variables = convert.torch_to_flax(path, spec,
+                                      skip_head=config.init_from_skip_head)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  if config.init_from_skip_head:
+    params = dict(params)
+    params['fc'] = state.params['fc']
+  try:
+    params = jax.tree.map(lambda ref, new: jnp.asarray(new, ref.dtype).reshape(
+        ref.shape), state.params, params)
+    batch_stats = jax.tree.map(
+        lambda ref, new: jnp.asarray(new, ref.dtype).reshape(ref.shape),
+        state.batch_stats, batch_stats)
+  except (ValueError, TypeError) as e:
+    raise config_check.ConfigError(
+        f'config.init_from: {path} does not fit model {config.model!r}: {e}. '
+        'Set init_from_skip_head=True if only the classifier differs.') from e
+  return state.replace(params=params, batch_stats=batch_stats)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> RunResult:
+  """Trains and evaluates; resumes from `workdir` if it holds checkpoints."""
+  started = time.time()
+  mesh = parallel.create_mesh()
+  is_lead = jax.process_index() == 0
+  # Validation first: nothing below may compile before the config is known good.
+  spec = config_check.validate_config(
+      config, device_count=jax.device_count(),
+      process_count=jax.process_count())
+  info = data_lib.dataset_info(config)
+  if info.num_classes != config.num_classes:
+    raise config_check.ConfigError(
+        f'config.num_classes: {config.num_classes}, but dataset '
+        f'{config.dataset!r} has {info.num_classes} classes; set '
+        f'config.num_classes={info.num_classes}.')
+  workdir_path = pathlib.Path(workdir).expanduser().absolute()
+  try:
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    probe = workdir_path / '.write_test'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise config_check.ConfigError(
+        f'--workdir {workdir_path} is not writable ({e.strerror}); choose a '
+        'folder you can write to.') from e
+  check_layout(config, spec, is_lead)
+  enable_compilation_cache(config.compilation_cache_dir)
+
+  steps_per_epoch = max(1, info.num_train // config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                 int(round(config.num_epochs * steps_per_epoch)))
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
+                steps_per_epoch)
+  schedule = optim.create_schedule(config, steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(config, schedule)
+  model = ResNet(spec)
+  image_shape = (config.image_size, config.image_size, 3)
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+
+  rng = jax.random.PRNGKey(config.seed)
+  init = jax.jit(functools.partial(
+      steps_lib.create_train_state, model, tx, image_shape=image_shape,
+      float16=config.precision == 'float16'), out_shardings=replicated)
+  state = init(rng)
+  meta = {'model': config.model, 'spec': repr(spec),
+          'config': config.to_json_best_effort()}
+
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir_path / 'checkpoints', keep=config.keep_checkpoints,
+      keep_best=config.keep_best)
+  restored = ckpt.restore_latest(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                  sharding=x.sharding), state),
+      meta)
+  train_iter = data_lib.make_train_iterator(
+      config, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  start_step = 0
+  if restored is not None:
+    state, data_state, start_step = restored
+    train_iter.set_state(data_state)
+    _truncate_metrics(workdir_path / 'metrics.jsonl', start_step)
+    log.info('resumed from step %d in %s', start_step, ckpt.directory)
+  elif config.init_from:
+    state = _load_init_weights(config, spec, state)
+
+  train_step = jax.jit(
+      functools.partial(steps_lib.train_step, num_classes=config.num_classes,
+                        label_smoothing=config.label_smoothing,
+                        learning_rate_fn=schedule),
+      in_shardings=(replicated, batch_sharding),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_step = jax.jit(
+      functools.partial(steps_lib.eval_step, num_classes=config.num_classes),
+      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  all_finite = jax.jit(lambda s: jnp.all(jnp.asarray([
+      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((s.params,
+                                                          s.batch_stats))])))
+
+  writer = metrics_lib.MetricWriter(workdir_path, enabled=is_lead)
+  progress = metrics_lib.Progress(total_steps, start_step, config.progress_bar,
+                                  enabled=is_lead)
+  prefetcher = parallel.DevicePrefetcher(train_iter, mesh,
+                                         config.prefetch_batches)
+  window: list = []
+  window_start = start_step
+  window_time = time.time()
+  last_train: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
+  step = start_step
+  status = 'completed'
+
+  def flush():
+    """Fetch the window's metrics; stop on NaN/Inf before anything is saved."""
+    nonlocal window, window_start, window_time, last_train
+    if not window:
+      return
+    fetched = jax.device_get(window)
+    bad = _first_nonfinite(window_start, fetched)
+    if bad is not None and config.halt_on_nonfinite:
+      bad_step, m = bad
+      raise NonFiniteLossError(
+          f'training diverged at step {bad_step + 1}: loss={m["loss"]}, '
+          f'grad_norm={m["grad_norm"]}, lr={m["lr"]:.4g}. The cause is '
+          'numerical blow-up (too high a learning rate, or fp16 overflow). '
+          'No checkpoint was written after it; the last good one in '
+          f'{ckpt.directory} is intact. Lower config.learning_rate, set '
+          'config.grad_clip_norm, or use precision=bfloat16, then rerun to '
+          'resume from it.')
+    elapsed = time.time() - window_time
+    last_train = {k: float(np.mean([m[k] for m in fetched])) for k in
+                  fetched[0]}
+    last_train['images_per_sec'] = (len(fetched) * config.batch_size /
+                                    max(elapsed, 1e-9))
+    writer.write(step, {f'train_{k}' if k in ('loss', 'top1') else k: v
+                        for k, v in last_train.items()})
+    progress.update(step, {'loss': last_train['loss'],
+                           'top1': last_train['top1']})
+    window, window_start, window_time = [], step, time.time()
+
+  def save(metrics=None):
+    if not bool(all_finite(state)):
+      raise NonFiniteLossError(
+          f'parameters are NaN/Inf at step {step}; not saving. The last good '
+          f'checkpoint in {ckpt.directory} is intact.')
+    ckpt.save(step, state, prefetcher.state, meta, metrics)
+
+  try:
+    with _StopSignal() as stop, mesh:
+      while step < total_steps:
+        batch = next(prefetcher)
+        state, metrics = train_step(state, batch)
+        window.append(metrics)
+        step += 1
+        at_eval = step % eval_every == 0 or step == total_steps
+        at_ckpt = step % config.checkpoint_every_steps == 0
+        if step % config.log_every_steps == 0 or at_eval or at_ckpt or (
+            stop.received is not None):
+          flush()
+        if at_eval:
+          last_eval = evaluate(eval_step, state, data_lib.make_eval_iterator(
+              config, process_index=jax.process_index(),
+              process_count=jax.process_count()), mesh)
+          writer.write(step, last_eval)
+          if is_lead:
+            log.info('step %d: %s', step, ' '.join(
+                f'{k}={v:.4f}' for k, v in last_eval.items()))
+          save({'eval_top1': last_eval['eval_top1']})
+        elif at_ckpt:
+          save()
+        if stop.received is not None and step < total_steps:
+          if not (at_eval or at_ckpt):
+            save()
+          status = 'preempted'
+          log.warning('signal %d: checkpoint at step %d written, exiting.',
+                      stop.received, step)
+          break
+  finally:
+    ckpt.close()
+    progress.close()
+    writer.close()
+
+  result = RunResult(step=step, status=status, eval_metrics=last_eval,
+                     train_metrics=last_train,
+                     seconds=time.time() - started, workdir=str(workdir_path))
+  if is_lead:
+    print(summary(result, total_steps))
+  return result
+
+
+def summary(result: RunResult, total_steps: int) -> str:
+  lines = [f'\n== {result.status} at step {result.step}/{total_steps} in '
+           f'{result.seconds:.1f} s ({result.workdir}) ==']
+  for name, metrics in (('train', result.train_metrics),
+                        ('eval', result.eval_metrics)):
+    if metrics:
+      lines.append(f'{name}: ' + ', '.join(
+          f'{k}={v:.4f}' for k, v in sorted(metrics.items())))
+  return '\n'.join(lines)

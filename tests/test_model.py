@@ -1,0 +1,329 @@
+"""Model zoo: parameter counts, shortcut options, stride placement, API, errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_resnet
+from flax_resnet import layers
+from flax_resnet import layout as layout_lib
+from flax_resnet.model import ResidualBlock
+
+# Published counts (REFERENCE.md): torchvision weights meta, paper Table 6.
+PUBLISHED_PARAMS = {
+    'resnet18': 11_689_512,
+    'resnet34': 21_797_672,
+    'resnet50': 25_557_032,
+    'resnet101': 44_549_160,
+    'resnet152': 60_192_808,
+    'resnext50_32x4d': 25_028_904,
+    'wide_resnet50_2': 68_883_240,
+    'resnet20': 269_722,
+    'resnet32': 464_154,
+    'resnet44': 658_586,
+    'resnet56': 853_018,
+    'resnet110': 1_727_962,
+    'resnet1202': 19_421_274,
+}
+
+
+def param_count(model, size):
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))
+def test_published_parameter_counts(name):
+  model = flax_resnet.create_model(name)
+  size = 32 if model.spec.stem == 'cifar' else 224
+  assert param_count(model, size) == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize('name,count', [('resnet20', 272_474),
+                                        ('resnet56', 855_770)])
+def test_cifar_option_b_counts(name, count):
+  assert param_count(flax_resnet.create_model(name, shortcut='B'), 32) == count
+
+
+def test_list_models_covers_the_required_presets():
+  names = set(flax_resnet.list_models())
+  required = {
+      'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
+      'resnet200', 'resnext50_32x4d', 'resnext101_32x8d', 'wide_resnet50_2',
+      'wide_resnet101_2', 'resnet50d', 'resnet50_v1', 'resnet50_v2',
+      'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
+      'resnet1202'}
+  assert required <= names
+  assert flax_resnet.list_models() == sorted(names)
+
+
+def cifar_layout(**overrides):
+  return layout_lib.layout_of('resnet20', **overrides)
+
+
+def test_option_a_shortcuts_have_no_parameters():
+  layout = cifar_layout(shortcut='A')
+  changing = [b for b in layout.blocks if b.in_channels != b.out_channels]
+  assert len(changing) == 2
+  for b in changing:
+    assert b.shortcut == 'zero-pad' and b.shortcut_stride == 2
+  variables = jax.eval_shape(lambda: flax_resnet.create_model('resnet20').init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  shortcut_params = [
+      jax.tree_util.keystr(p) for p, _ in
+      jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+      if 'shortcut' in jax.tree_util.keystr(p)]
+  assert shortcut_params == []
+
+
+def test_option_a_subsamples_and_zero_pads_channels():
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  out = layers.Shortcut('A', 8, 2, conv=None, norm=None).apply({}, x)
+  chex.assert_shape(out, (2, 4, 4, 8))
+  np.testing.assert_array_equal(out[..., 2:6], x[:, ::2, ::2, :])
+  np.testing.assert_array_equal(out[..., :2], 0)
+  np.testing.assert_array_equal(out[..., 6:], 0)
+  after = layers.Shortcut('A', 8, 2, None, None, zero_pad='after').apply({}, x)
+  np.testing.assert_array_equal(after[..., :4], x[:, ::2, ::2, :])
+  np.testing.assert_array_equal(after[..., 4:], 0)
+
+
+def test_option_b_projects_only_where_the_shape_changes():
+  layout = layout_lib.layout_of('resnet50')
+  for b in layout.blocks:
+    changes = b.in_channels != b.out_channels or b.in_size != b.out_size
+    assert (b.shortcut == 'projection') == changes, b
+
+
+def test_option_c_projects_in_every_block():
+  layout = layout_lib.layout_of('resnet18', shortcut='C')
+  assert all(b.shortcut == 'projection' for b in layout.blocks)
+  assert layout.total_params > layout_lib.layout_of('resnet18').total_params
+
+
+def test_option_d_avg_pools_before_a_stride_one_projection():
+  layout = layout_lib.layout_of('resnet50d')
+  first = {b.stage: b for b in layout.blocks if b.index == 0}
+  for stage in (2, 3, 4):
+    assert first[stage].shortcut == 'avgpool+projection'
+    assert first[stage].shortcut_stride == 2
+  # Stage 1 keeps its size, so there is nothing to pool: a plain 1x1.
+  assert first[1].shortcut == 'projection' and first[1].shortcut_stride == 1
+  assert layout.stem.startswith('conv3x3/2 -> BN -> conv3x3/1 -> BN -> '
+                                'conv3x3/1')
+
+
+def test_avg_pool_is_ceil_mode_without_padding_in_count():
+  x = jnp.arange(1 * 3 * 3 * 1, dtype=jnp.float32).reshape(1, 3, 3, 1)
+  out = layers.AvgPool(2, 2).apply({}, x)
+  chex.assert_shape(out, (1, 2, 2, 1))
+  # torch AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) on 0..8.
+  np.testing.assert_allclose(out[0, :, :, 0], [[2.0, 3.5], [6.5, 8.0]])
+
+
+@pytest.mark.parametrize('name,stride_in,expected', [
+    ('resnet50', '3x3', ('conv2', '3x3')),  # v1.5: torchvision, NVIDIA
+    ('resnet50_v1', '1x1', ('conv1', '1x1')),  # v1: Caffe, Keras, Gluon V1
+])
+def test_stride_placement(name, stride_in, expected):
+  layout = layout_lib.layout_of(name)
+  assert flax_resnet.get_spec(name).stride_in == stride_in
+  strided = [b for b in layout.blocks if b.in_size != b.out_size]
+  assert [(b.stage, b.index) for b in strided] == [(2, 0), (3, 0), (4, 0)]
+  for b in strided:
+    assert (b.stride_conv, b.stride_at) == expected
+  for b in layout.blocks:
+    if b not in strided:
+      assert b.stride_at == 'none'
+
+
+def test_resnet50_stage1_projection_is_stride_one_and_resnet18_has_none():
+  r50 = {(b.stage, b.index): b for b in layout_lib.layout_of('resnet50').blocks}
+  assert r50[1, 0].shortcut == 'projection'
+  assert (r50[1, 0].shortcut_stride, r50[1, 0].in_channels,
+          r50[1, 0].out_channels) == (1, 64, 256)
+  r18 = layout_lib.layout_of('resnet18').blocks
+  projections = [b for b in r18 if b.shortcut == 'projection']
+  assert [(b.stage, b.shortcut_stride) for b in projections] == [
+      (2, 2), (3, 2), (4, 2)]
+
+
+def _call_order(model, size):
+  order = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      order.append(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                      jnp.zeros((1, size, size, 3))))
+  return order
+
+
+def test_preactivation_orders_bn_before_conv():
+  order = _call_order(flax_resnet.create_model('resnet18_v2'), 64)
+  block = [p[1] for p in order if len(p) == 2 and p[0] == 'stage2_block0']
+  # Shortcut projection is fed the pre-activated input, so it runs after bn1.
+  assert block == ['bn1', 'shortcut', 'conv1', 'bn2', 'conv2']
+  assert ('final_bn',) in order
+  post = _call_order(flax_resnet.create_model('resnet18'), 64)
+  block = [p[1] for p in post if len(p) == 2 and p[0] == 'stage2_block0']
+  assert block == ['shortcut', 'conv1', 'bn1', 'conv2', 'bn2']
+  assert ('final_bn',) not in post
+
+
+def test_preact_block_output_is_not_rectified_but_post_act_is():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  conv = layers.make_conv('torch', jnp.float32, jnp.float32)
+  norm = layers.make_norm(False, 0.9, 1e-5, jnp.float32, jnp.float32)
+  outs = {}
+  for preact in (False, True):
+    block = ResidualBlock('basic', 16, 16, 1, 1, '3x3', preact, None, 'both',
+                          False, conv, norm)
+    variables = block.init(jax.random.key(1), x)
+    outs[preact] = block.apply(variables, x)
+  assert float(outs[False].min()) >= 0.0
+  assert float(outs[True].min()) < 0.0
+
+
+@pytest.fixture(scope='module')
+def resnet20_setup():
+  model = flax_resnet.create_model('resnet20', num_classes=10)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  return model, variables, x
+
+
+def test_params_and_batch_stats_are_separate_collections(resnet20_setup):
+  _, variables, _ = resnet20_setup
+  assert set(variables) == {'params', 'batch_stats'}
+  flat = jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+  assert not any('mean' in jax.tree_util.keystr(p) for p, _ in flat)
+
+
+def test_train_flag_controls_batch_stats(resnet20_setup):
+  model, variables, x = resnet20_setup
+  logits = model.apply(variables, x, train=False)
+  chex.assert_shape(logits, (4, 10))
+  chex.assert_tree_all_finite(logits)
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                         variables['batch_stats'], updates['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+  with pytest.raises(Exception):  # batch_stats are immutable unless asked
+    model.apply(variables, x, train=True)
+
+
+def test_bn_defaults_match_torch():
+  spec = flax_resnet.get_spec('resnet50')
+  assert spec.bn_momentum == 0.9 and spec.bn_eps == 1e-5
+  assert not spec.zero_init_last_bn
+
+
+def test_zero_init_last_bn():
+  model = flax_resnet.create_model('resnet20', zero_init_last_bn=True)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  for name, block in variables['params'].items():
+    if name.startswith('stage'):
+      np.testing.assert_array_equal(block['bn2']['scale'], 0.0)
+      np.testing.assert_array_equal(block['bn1']['scale'], 1.0)
+
+
+def test_jit_and_grad(resnet20_setup):
+  model, variables, x = resnet20_setup
+  labels = jnp.arange(4) % 10
+
+  @jax.jit
+  def loss_and_grad(params):
+    def loss_fn(p):
+      logits, _ = model.apply({'params': p,
+                               'batch_stats': variables['batch_stats']}, x,
+                              train=True, mutable=['batch_stats'])
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+    return jax.value_and_grad(loss_fn)(params)
+
+  loss, grads = loss_and_grad(variables['params'])
+  chex.assert_trees_all_equal_shapes(grads, variables['params'])
+  chex.assert_tree_all_finite(grads)
+  assert float(optax_global_norm(grads)) > 0
+  assert np.isfinite(float(loss))
+
+
+def optax_global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = flax_resnet.create_model('resnet20', dtype='bfloat16')
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal_dtypes(
+      variables['params'], jax.tree.map(lambda p: p.astype(jnp.float32),
+                                        variables['params']))
+  logits, state = model.apply(variables, x, train=True,
+                              mutable=['batch_stats', 'intermediates'])
+  assert state['intermediates']['stage2'][0].dtype == jnp.bfloat16
+  assert state['batch_stats']['stem']['bn1']['mean'].dtype == jnp.float32
+  assert logits.dtype == jnp.float32
+  chex.assert_tree_all_finite(logits)
+
+
+def test_odd_input_sizes_work():
+  model = flax_resnet.create_model('resnet50d', num_classes=3)
+  x = jnp.ones((1, 97, 97, 3))
+  variables = jax.jit(lambda: model.init(jax.random.key(0), x))()
+  chex.assert_shape(model.apply(variables, x), (1, 3))
+
+
+# ---------------------------------------------------------------- error paths
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'shortcut': 'E'}, 'shortcut'),
+    ({'stride_in': '2x2'}, 'stride_in'),
+    ({'block': 'dense'}, 'block'),
+    ({'stem': 'fancy'}, 'stem'),
+    ({'padding': 'valid'}, 'padding'),
+    ({'dtype': 'int8'}, 'dtype'),
+    ({'num_classes': 0}, 'num_classes'),
+    ({'depths': (2, 2)}, 'widths'),
+    ({'strides': (1, 2)}, 'strides'),
+    ({'bn_momentum': 1.5}, 'bn_momentum'),
+    ({'zero_init_last_bn': True, 'preact': True}, 'zero_init_last_bn'),
+    ({'shortcut': 'D', 'preact': True}, 'shortcut'),
+    ({'not_a_field': 1}, 'not_a_field'),
+])
+def test_bad_overrides_name_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field):
+    flax_resnet.create_model('resnet50', **overrides)
+
+
+def test_invalid_choice_lists_valid_choices():
+  with pytest.raises(ValueError, match="'A', 'B', 'C', 'D'"):
+    flax_resnet.create_model('resnet18', shortcut='E')
+
+
+def test_basic_block_rejects_bottleneck_only_options():
+  with pytest.raises(ValueError, match='stride_in'):
+    flax_resnet.create_model('resnet18', stride_in='1x1')
+  with pytest.raises(ValueError, match='groups'):
+    flax_resnet.create_model('resnet18', groups=32)
+
+
+def test_unknown_model_suggests_close_names():
+  with pytest.raises(ValueError, match='resnet50'):
+    flax_resnet.create_model('resnet5O')
+
+
+def test_bad_input_shapes_and_dtypes(resnet20_setup):
+  model, variables, _ = resnet20_setup
+  with pytest.raises(ValueError, match='rank-4 NHWC'):
+    model.apply(variables, jnp.zeros((32, 32, 3)))
+  with pytest.raises(ValueError, match='dtype'):
+    model.apply(variables, jnp.zeros((1, 32, 32, 3), jnp.uint8))

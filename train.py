@@ -1,0 +1,55 @@
+"""Train a ResNet: python train.py --config configs/resnet50.py --workdir runs/r50
+
+With no flags it trains the offline quickstart (real handwritten digits that
+ship with scikit-learn) into runs/quickstart. Override any field with
+--config.FIELD=VALUE, e.g. --config.batch_size=128 --config.model_overrides.shortcut=B.
+Multi-host: pass --distributed on every host (see README).
+"""
+
+import logging as std_logging
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', str(pathlib.Path(__file__).resolve().parent / 'configs' /
+                  'quickstart.py'),
+    'Path to a config file in configs/.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Where checkpoints and metrics go; a run resumes from it. '
+    'Default: runs/<config file name>.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() first (multi-host).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  std_logging.getLogger('absl').setLevel(std_logging.INFO)
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax_resnet import train  # pylint: disable=g-import-not-at-top
+  from flax_resnet.layout import LayoutMismatch  # pylint: disable=g-import-not-at-top
+  from flax_resnet.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  workdir = _WORKDIR.value or str(
+      pathlib.Path('runs') / pathlib.Path(config_file.split(':')[0]).stem)
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, workdir)
+  except (ValueError, LayoutMismatch, CheckpointError,
+          train.NonFiniteLossError) as e:
+    print(f'\nerror: {e}', file=sys.stderr)
+    sys.exit(1)
+  sys.exit(0 if result.status in ('completed', 'preempted') else 1)
+
+
+if __name__ == '__main__':
+  app.run(main)
