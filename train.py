@@ -28,11 +28,21 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host).')
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Orbax logs every save step at INFO through absl; keep its warnings only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname
+        for part in ('/orbax/', '/grain/', '/jax/', '/tensorflow_datasets/'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  std_logging.getLogger('absl').setLevel(std_logging.INFO)
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from flax_resnet import train  # pylint: disable=g-import-not-at-top
   from flax_resnet.layout import LayoutMismatch  # pylint: disable=g-import-not-at-top

@@ -125,7 +125,8 @@ class ResNet(nn.Module):
 
   Call as `model.apply(variables, images, train=False)` with NHWC float images.
   Train mode updates `batch_stats` (pass mutable=['batch_stats']). Per-stage
-  features are sown into the 'intermediates' collection.
+  features are sown into the 'intermediates' collection as 'stem_out',
+  'stage1', 'stage2', ... (pass mutable=['intermediates']).
   """
   spec: ResNetSpec
 
@@ -147,7 +148,8 @@ class ResNet(nn.Module):
 
     x = Stem(spec.stem, spec.stem_width, spec.preact, spec.padding, conv, norm,
              name='stem')(x)
-    self.sow('intermediates', 'stem', x)
+    # Not 'stem': a sown name may not repeat a submodule's name in one scope.
+    self.sow('intermediates', 'stem_out', x)
     in_channels = spec.stem_width
     for stage, depth in enumerate(spec.depths):
       out_channels = spec.stage_out_channels(stage)

@@ -181,9 +181,13 @@ def _load_init_weights(config, spec, state):
   return state.replace(params=params, batch_stats=batch_stats)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> RunResult:
-  """Trains and evaluates; resumes from `workdir` if it holds checkpoints."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: Optional[int] = None) -> RunResult:
+  """Trains and evaluates; resumes from `workdir` if it holds checkpoints.
+
+  stop_after: leave after this many steps of this invocation, checkpointing as
+  on SIGTERM (status 'preempted'): for time-boxed jobs and resume tests.
+  """
   started = time.time()
   mesh = parallel.create_mesh()
   is_lead = jax.process_index() == 0
@@ -191,12 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   spec = config_check.validate_config(
       config, device_count=jax.device_count(),
       process_count=jax.process_count())
-  info = data_lib.dataset_info(config)
-  if info.num_classes != config.num_classes:
-    raise config_check.ConfigError(
-        f'config.num_classes: {config.num_classes}, but dataset '
-        f'{config.dataset!r} has {info.num_classes} classes; set '
-        f'config.num_classes={info.num_classes}.')
+  info = data_lib.dataset_info(config)  # also checks num_classes and splits
   workdir_path = pathlib.Path(workdir).expanduser().absolute()
   try:
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -319,8 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         step += 1
         at_eval = step % eval_every == 0 or step == total_steps
         at_ckpt = step % config.checkpoint_every_steps == 0
-        if step % config.log_every_steps == 0 or at_eval or at_ckpt or (
-            stop.received is not None):
+        leaving = stop.received is not None or (
+            stop_after is not None and step - start_step >= stop_after)
+        if step % config.log_every_steps == 0 or at_eval or at_ckpt or leaving:
           flush()
         if at_eval:
           last_eval = evaluate(eval_step, state, data_lib.make_eval_iterator(
@@ -333,12 +333,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           save({'eval_top1': last_eval['eval_top1']})
         elif at_ckpt:
           save()
-        if stop.received is not None and step < total_steps:
+        if leaving and step < total_steps:
           if not (at_eval or at_ckpt):
             save()
           status = 'preempted'
-          log.warning('signal %d: checkpoint at step %d written, exiting.',
-                      stop.received, step)
+          log.warning('stopping early (%s): checkpoint at step %d written; '
+                      'rerun the same command to resume.',
+                      f'signal {stop.received}' if stop.received else
+                      'stop_after', step)
           break
   finally:
     ckpt.close()

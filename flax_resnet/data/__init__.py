@@ -1,0 +1,24 @@
+"""Input pipelines: TFDS array_record sources read by grain, no TensorFlow.
+
+    info = data.dataset_info(config)       # sizes/classes; checks the config
+    train = data.make_train_iterator(config, process_index=i, process_count=n)
+    batch = next(train)                    # {'image', 'label'}
+    state = train.get_state()              # JSON-able; train.set_state(state)
+    for batch in data.make_eval_iterator(config, ...):  # + 'mask'
+      ...
+
+Importing this package registers the offline `sklearn_digits` TFDS dataset.
+"""
+
+from flax_resnet.data.digits import SklearnDigits
+from flax_resnet.data.pipeline import (TrainIterator, check_config,
+                                       make_eval_iterator, make_train_iterator)
+from flax_resnet.data.sources import (SYNTHETIC, DatasetInfo,
+                                      DatasetNotFoundError, dataset_info,
+                                      prepare)
+
+__all__ = [
+    'SYNTHETIC', 'DatasetInfo', 'DatasetNotFoundError', 'SklearnDigits',
+    'TrainIterator', 'check_config', 'dataset_info', 'make_eval_iterator',
+    'make_train_iterator', 'prepare',
+]

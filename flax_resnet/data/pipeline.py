@@ -1,0 +1,259 @@
+"""grain input pipelines: an infinite, resumable train stream and a finite eval.
+
+Both are `grain.MapDataset` pipelines over a random-access source:
+
+  train: source -> shuffle (reshuffled every epoch) -> repeat forever
+         -> augment (rng from seed and stream position) -> this process's
+         share [process_index::process_count] -> batch -> read-ahead threads
+         -> worker processes
+  eval:  this process's share, padded to whole batches -> preprocess -> batch
+
+Shuffling and augmentation happen before the process split, so the global
+batch (the concatenation of the processes' local batches) does not depend on
+process_count, and batching happens before the worker split, so the stream
+does not depend on worker_count or prefetch_batches either.
+
+The train iterator's state is therefore just the index of the next batch (plus
+what fixes the order, checked on restore): it resumes exactly, and also after
+changing worker_count, prefetch_batches or process_count. It is a
+`grain.DatasetIterator`, so grain's orbax handler
+(`grain.checkpoint.CheckpointSave` / `CheckpointRestore`) saves it too.
+"""
+
+import math
+
+from absl import flags
+import grain
+import numpy as np
+
+from flax_resnet.data import preprocess
+from flax_resnet.data import sources
+
+
+def check_config(config, *, process_index: int = 0,
+                 process_count: int = 1) -> None:
+  """Raises ValueError naming the field when the data config is unusable."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f'process_index={process_index}, process_count={process_count}: need '
+        'process_count >= 1 and 0 <= process_index < process_count.')
+  for field in ('batch_size', 'eval_batch_size'):
+    size = config[field]
+    if size <= 0 or size % process_count:
+      raise ValueError(
+          f'config.{field}={size} must be a positive multiple of the process '
+          f'count ({process_count}): every process loads {field} // '
+          f'{process_count} examples. Set config.{field} to a multiple of '
+          f'{process_count}.')
+  if config.augment not in preprocess.AUGMENTATIONS:
+    raise ValueError(f'config.augment={config.augment!r}; use one of '
+                     f'{preprocess.AUGMENTATIONS}.')
+  if config.image_size <= 0:
+    raise ValueError(f'config.image_size={config.image_size} must be positive.')
+  if not 0 < config.eval_crop_ratio <= 1:
+    raise ValueError(f'config.eval_crop_ratio={config.eval_crop_ratio} must be '
+                     'in (0, 1], e.g. 0.875 (resize to 256, crop 224).')
+  for field in ('mean_rgb', 'std_rgb'):
+    if len(config[field]) != 3:
+      raise ValueError(f'config.{field}={config[field]} needs one value per '
+                       'RGB channel (3 values).')
+  if min(config.std_rgb) <= 0:
+    raise ValueError(f'config.std_rgb={config.std_rgb} must be positive.')
+  if config.num_classes <= 0:
+    raise ValueError(f'config.num_classes={config.num_classes} must be '
+                     'positive.')
+  if config.worker_count < 0:
+    raise ValueError(f'config.worker_count={config.worker_count}; use 0 (no '
+                     'worker processes) or more.')
+  if config.prefetch_batches < 0:
+    raise ValueError(f'config.prefetch_batches={config.prefetch_batches}; use '
+                     '0 (no read-ahead) or more.')
+  if not 0 <= config.seed < 2**32:
+    raise ValueError(f'config.seed={config.seed} must be in [0, 2**32).')
+
+
+def make_train_iterator(config, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite iterator of this process's training batches.
+
+  Args:
+    config: the run config.
+    process_index: this process's index (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+
+  Returns:
+    A `TrainIterator` of {'image': float32 (B, S, S, 3), 'label': int32 (B,)}
+    with B = config.batch_size // process_count.
+  """
+  check_config(config, process_index=process_index,
+               process_count=process_count)
+  source = sources.open_source(config, 'train_split')
+  transform = preprocess.TrainPreprocess(
+      preprocess.PreprocessOptions.from_config(config, 'train_split'))
+  # Surface bad data (rank, dtype, channels, labels) here rather than later
+  # from inside a read-ahead thread or a worker process.
+  transform.random_map(source[0], np.random.default_rng(0))
+  batches = (grain.MapDataset.source(source)
+             .seed(config.seed)
+             .shuffle()
+             .repeat()
+             .random_map(transform)
+             [process_index::process_count]
+             .batch(config.batch_size // process_count, drop_remainder=True))
+  order = {'dataset': config.dataset, 'train_split': config.train_split,
+           'num_examples': len(source), 'seed': config.seed,
+           'batch_size': config.batch_size}
+  return TrainIterator(batches, order, worker_count=config.worker_count,
+                       prefetch_batches=config.prefetch_batches)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Batches of an infinite batched MapDataset, resumable by batch index.
+
+  State: {'next_batch': k, **order}, where `order` names what fixes the
+  stream (dataset, split, size, seed, global batch size); `set_state` refuses
+  a state whose order differs. The read-ahead threads and worker processes
+  start at the first `next()` (or `start_prefetch()`), so creating an
+  iterator only to restore it costs nothing. Call `close()` to stop the
+  workers.
+  """
+
+  def __init__(self, batches: grain.MapDataset, order: dict, *,
+               worker_count: int, prefetch_batches: int):
+    super().__init__()
+    self._batches = batches
+    self._order = order
+    self._worker_count = worker_count
+    self._prefetch_batches = prefetch_batches
+    self._next_batch = 0
+    self._running = None  # the grain iterator from _next_batch on, once begun
+
+  def __next__(self):
+    self._assert_not_closed()
+    batch = next(self._start())
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'next_batch': self._next_batch, **self._order}
+
+  def set_state(self, state: dict) -> None:
+    differing = {key: (state.get(key), value)
+                 for key, value in self._order.items()
+                 if state.get(key) != value}
+    if differing:
+      details = ', '.join(f'{key}: saved {saved!r}, now {now!r}'
+                          for key, (saved, now) in differing.items())
+      raise ValueError(
+          f'The train iterator state was saved for another data order '
+          f'({details}); a batch index only carries over with the same '
+          'config.dataset, train_split, seed and batch_size. Restore with the '
+          'original config, or start a fresh iterator.')
+    self._stop()
+    self._next_batch = int(state['next_batch'])
+
+  def start_prefetch(self) -> None:
+    self._start().start_prefetch()
+
+  def close(self) -> None:
+    self._stop()
+    super().close()
+
+  def _start(self) -> grain.DatasetIterator:
+    if self._running is None:
+      self._running = iter(_read_ahead(
+          self._batches[self._next_batch:], self._worker_count,
+          self._prefetch_batches))
+    return self._running
+
+  def _stop(self) -> None:
+    if self._running is not None:
+      self._running.close()
+      self._running = None
+
+  def __str__(self) -> str:
+    return f'TrainIterator({self.get_state()})'
+
+
+def make_eval_iterator(config, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """Every example of config.eval_split exactly once across the processes.
+
+  Process p reads examples p, p + process_count, ...; each process yields the
+  same number of batches (so collective ops line up), the missing tail padded
+  with zero images whose 'mask' is False.
+
+  Args:
+    config: the run config.
+    process_index: this process's index (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+
+  Returns:
+    A re-iterable `grain.IterDataset` (each `iter()` is a fresh pass in the
+    same order) of {'image': float32 (B, S, S, 3), 'label': int32 (B,),
+    'mask': bool (B,)} with B = config.eval_batch_size // process_count.
+  """
+  check_config(config, process_index=process_index,
+               process_count=process_count)
+  source = sources.open_source(config, 'eval_split')
+  transform = preprocess.EvalPreprocess(
+      preprocess.PreprocessOptions.from_config(config, 'eval_split'))
+  transform.map({**source[0], 'mask': True})  # bad data fails here
+  batch_size = config.eval_batch_size // process_count
+  batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+  shard = PaddedShard(source, process_index, process_count,
+                      batches * batch_size)
+  ds = grain.MapDataset.source(shard).map(transform).batch(batch_size)
+  return _read_ahead(ds, config.worker_count, config.prefetch_batches)
+
+
+class PaddedShard:
+  """Examples shard_index, shard_index + shard_count, ... then padding.
+
+  Items carry 'mask': True; items past the shard are {'mask': False}.
+  """
+
+  def __init__(self, source, shard_index: int, shard_count: int,
+               padded_length: int):
+    self._source = source
+    self._shard_index = shard_index
+    self._shard_count = shard_count
+    self._num_real = len(range(shard_index, len(source), shard_count))
+    if padded_length < self._num_real:
+      raise ValueError(f'padded_length={padded_length} is shorter than the '
+                       f'shard ({self._num_real} examples).')
+    self._padded_length = padded_length
+
+  def __len__(self) -> int:
+    return self._padded_length
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._padded_length:
+      raise IndexError(f'index {index} out of range [0, {self._padded_length})')
+    if index >= self._num_real:
+      return {'mask': False}
+    example = self._source[self._shard_index + index * self._shard_count]
+    return {'image': example['image'], 'label': example['label'], 'mask': True}
+
+  def __repr__(self) -> str:
+    return (f'PaddedShard({self._source!r}, shard {self._shard_index} of '
+            f'{self._shard_count}, {self._num_real} examples padded to '
+            f'{self._padded_length})')
+
+
+def _read_ahead(ds: grain.MapDataset, worker_count: int,
+                prefetch_batches: int) -> grain.IterDataset:
+  """Batches computed ahead by threads and, if asked, worker processes."""
+  ahead = prefetch_batches
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=ahead,
+                                            prefetch_buffer_size=ahead))
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain 0.2.18 reads one of its absl flags when it starts workers with
+      # JAX loaded (google/grain#1355); programs that never parse flags (not
+      # using absl.app) get the defaults instead of an UnparsedFlagAccessError.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count,
+        per_worker_buffer_size=max(1, ahead)))
+  return ds

@@ -1,0 +1,348 @@
+"""Per-example preprocessing in numpy and PIL, wrapped as grain transforms.
+
+Training ('augment' in the config):
+  - 'imagenet': Inception-style random-resized crop (area 8%-100%, aspect
+    ratio 3/4-4/3 log-uniform, 10 tries, then a centre crop of the whole image
+    clamped to that aspect range), bilinear resize to image_size, random
+    horizontal flip.
+  - 'cifar': resize to image_size if the stored size differs, zero-pad 4
+    pixels, random image_size crop, random horizontal flip (He et al. 2016).
+  - 'none': bilinear resize to image_size.
+Evaluation: images already image_size x image_size are only normalised; with
+'imagenet' the shorter side is resized to image_size / eval_crop_ratio and the
+centre image_size crop kept; otherwise the image is resized to image_size.
+
+Everything ends normalised as (pixel - mean_rgb) / std_rgb in float32, with
+grayscale repeated to 3 channels. Random choices come from the generator grain
+passes to `RandomMap.random_map`, seeded by (seed, position in the stream), so
+the output is deterministic and resumable.
+
+Encoded images (JPEG/PNG bytes) are decoded here. For training crops, JPEGs
+are decoded at the largest power-of-two reduction (libjpeg's DCT scaling) that
+still leaves the crop at least image_size pixels wide and high: up to ~30%
+faster at low resolutions, a slightly different (still antialiased)
+downsampling. Evaluation always decodes at full size, matching the usual
+protocol exactly.
+"""
+
+import dataclasses
+import io
+import math
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+AUGMENTATIONS = ('imagenet', 'cifar', 'none')
+CIFAR_PAD = 4
+CROP_AREA_RANGE = (0.08, 1.0)
+CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10
+_MAX_PIXEL = 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessOptions:
+  """The config fields preprocessing reads, plus names for error messages."""
+  dataset: str
+  split: str
+  num_classes: int
+  image_size: int
+  augment: str
+  eval_crop_ratio: float
+  mean_rgb: tuple[float, ...]
+  std_rgb: tuple[float, ...]
+
+  @classmethod
+  def from_config(cls, config, split_field: str) -> 'PreprocessOptions':
+    return cls(
+        dataset=config.dataset,
+        split=config[split_field],
+        num_classes=config.num_classes,
+        image_size=config.image_size,
+        augment=config.augment,
+        eval_crop_ratio=config.eval_crop_ratio,
+        mean_rgb=tuple(float(m) for m in config.mean_rgb),
+        std_rgb=tuple(float(s) for s in config.std_rgb),
+    )
+
+  @property
+  def where(self) -> str:
+    return f'dataset {self.dataset!r} split {self.split!r}'
+
+
+def to_rgb_array(image: Any, where: str) -> np.ndarray:
+  """A decoded image as uint8 (H, W, 3); raises ValueError if it is unusable.
+
+  Args:
+    image: (H, W), (H, W, 1) or (H, W, 3) array, uint8 or float on the 0..255
+      scale.
+    where: dataset and split, for error messages.
+
+  Returns:
+    The image as a uint8 RGB array.
+  """
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3:
+    raise ValueError(
+        f'Image of shape {image.shape} (rank {image.ndim}) in {where}: the '
+        "'image' feature must be (height, width, channels) or (height, "
+        'width); choose an image dataset or fix its image feature.')
+  if image.shape[-1] not in (1, 3):
+    raise ValueError(
+        f'Image of shape {image.shape} in {where} has {image.shape[-1]} '
+        'channels; the pipeline needs 1 (grayscale) or 3 (RGB), e.g. drop an '
+        'alpha channel when building the dataset.')
+  if image.dtype == np.uint8:
+    pass
+  elif np.issubdtype(image.dtype, np.floating):
+    # Float images are taken on the uint8 scale; anything else would be
+    # silently mis-normalised.
+    if image.size and not (image.min() >= 0 and image.max() <= _MAX_PIXEL):
+      raise ValueError(
+          f'Float image in {where} has values in [{image.min()}, '
+          f'{image.max()}]; float images must be on the 0..255 scale (or '
+          'stored as uint8).')
+    image = np.rint(image).astype(np.uint8)
+  else:
+    raise ValueError(
+        f'Image dtype {image.dtype} in {where}: images must be uint8 (0..255) '
+        "or float on the 0..255 scale; store the 'image' feature as uint8.")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image
+
+
+def _is_encoded(image: Any) -> bool:
+  if isinstance(image, (bytes, np.bytes_)):
+    return True
+  return (isinstance(image, np.ndarray) and image.dtype.kind in 'SO'
+          and image.size == 1)
+
+
+class StoredImage:
+  """A stored image whose size is known before its (costly) decoding."""
+
+  def __init__(self, image: Any, where: str):
+    self._where = where
+    if _is_encoded(image):
+      data = image.item() if isinstance(image, np.ndarray) else image
+      try:
+        self._pil = Image.open(io.BytesIO(data))
+      except (OSError, ValueError) as e:
+        raise ValueError(f'Could not decode an encoded image in {where}: {e}'
+                         ) from e
+      self._array = None
+      self.width, self.height = self._pil.size
+    else:
+      self._pil = None
+      self._array = to_rgb_array(image, where)
+      self.height, self.width = self._array.shape[:2]
+
+  def array(self) -> np.ndarray:
+    """The whole image, uint8 (H, W, 3)."""
+    if self._array is None:
+      self._array = np.asarray(self._decode(self._pil))
+    return self._array
+
+  def crop_resize(self, box: tuple[float, float, float, float], size: int,
+                  reduced_decode: bool = False) -> np.ndarray:
+    """Region box=(left, top, right, bottom) resized bilinearly to size^2.
+
+    Args:
+      box: region of the stored image, in its pixels.
+      size: output height and width.
+      reduced_decode: let a JPEG be decoded at a reduced scale that still
+        covers the box with `size` pixels (see the module docstring).
+
+    Returns:
+      uint8 (size, size, 3).
+    """
+    if self._array is not None:
+      return np.asarray(Image.fromarray(self._array).resize(
+          (size, size), Image.Resampling.BILINEAR, box=box))
+    pil = self._pil
+    if reduced_decode and pil.format == 'JPEG':
+      left, top, right, bottom = box
+      # Ask for the smallest full-image size at which the box still spans at
+      # least `size` pixels; draft() then decodes at that reduction or more.
+      pil.draft('RGB', (math.ceil(self.width * size / (right - left)),
+                        math.ceil(self.height * size / (bottom - top))))
+      scale_x, scale_y = pil.size[0] / self.width, pil.size[1] / self.height
+      box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+    return np.asarray(self._decode(pil).resize(
+        (size, size), Image.Resampling.BILINEAR, box=box))
+
+  def _decode(self, pil: Image.Image) -> Image.Image:
+    try:
+      if pil.mode == 'RGB':
+        pil.load()  # convert() would decode too, plus copy
+      else:  # grayscale, palette, CMYK, RGBA (alpha dropped), ...
+        pil = pil.convert('RGB')
+    except (OSError, ValueError) as e:
+      raise ValueError(
+          f'Could not decode an encoded image in {self._where}: {e}') from e
+    return pil
+
+
+def check_label(label: Any, options: PreprocessOptions) -> np.int32:
+  """The label as int32, checked to lie in [0, num_classes)."""
+  label = np.asarray(label)
+  if label.shape != () or label.dtype.kind not in 'iu':
+    raise ValueError(
+        f"Label {label!r} in {options.where}: the 'label' feature must be a "
+        'scalar integer class index.')
+  if not 0 <= label < options.num_classes:
+    raise ValueError(
+        f'config.num_classes is {options.num_classes} but label {int(label)} '
+        f"appeared in {options.where}; set config.num_classes to the "
+        f"dataset's number of classes (labels must lie in [0, num_classes), so "
+        f'at least {int(label) + 1}).')
+  return np.int32(label)
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int,
+                            width: int) -> tuple[int, int, int, int]:
+  """Inception-style crop (left, top, right, bottom), as torchvision does."""
+  area = height * width
+  log_ratio = np.log(CROP_ASPECT_RANGE)
+  for _ in range(CROP_ATTEMPTS):
+    target_area = area * rng.uniform(*CROP_AREA_RANGE)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, left + w, top + h
+  # Fallback: the whole image, cropped centrally to the allowed aspect range.
+  in_ratio = width / height
+  if in_ratio < CROP_ASPECT_RANGE[0]:
+    w, h = width, int(round(width / CROP_ASPECT_RANGE[0]))
+  elif in_ratio > CROP_ASPECT_RANGE[1]:
+    w, h = int(round(height * CROP_ASPECT_RANGE[1])), height
+  else:
+    w, h = width, height
+  top, left = (height - h) // 2, (width - w) // 2
+  return left, top, left + w, top + h
+
+
+def resize_center_crop_box(height: int, width: int, size: int,
+                           crop_ratio: float) -> tuple[float, ...]:
+  """Box of the stored image that "resize shorter side, centre crop" keeps.
+
+  Resizing the shorter side to size / crop_ratio and then cropping the centre
+  size x size equals resizing just this box to size x size (PIL samples the
+  same source positions), without computing the discarded pixels.
+
+  Args:
+    height: stored image height.
+    width: stored image width.
+    size: output side.
+    crop_ratio: fraction of the resized shorter side kept.
+
+  Returns:
+    (left, top, right, bottom) in stored-image pixels.
+  """
+  resize_to = max(size, int(round(size / crop_ratio)))
+  if height <= width:
+    new_h, new_w = resize_to, int(resize_to * width / height)
+  else:
+    new_h, new_w = int(resize_to * height / width), resize_to
+  top = int(round((new_h - size) / 2))
+  left = int(round((new_w - size) / 2))
+  scale_x, scale_y = width / new_w, height / new_h
+  return (left * scale_x, top * scale_y, (left + size) * scale_x,
+          (top + size) * scale_y)
+
+
+def _resized(stored: StoredImage, size: int) -> np.ndarray:
+  """The whole image at size x size (no copy when it already is)."""
+  if (stored.height, stored.width) == (size, size):
+    return stored.array()
+  return stored.crop_resize((0, 0, stored.width, stored.height), size)
+
+
+def cifar_crop_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Zero-pad CIFAR_PAD pixels, random crop back to the input size, flip."""
+  h, w, c = image.shape
+  padded = np.zeros((h + 2 * CIFAR_PAD, w + 2 * CIFAR_PAD, c), image.dtype)
+  padded[CIFAR_PAD:CIFAR_PAD + h, CIFAR_PAD:CIFAR_PAD + w] = image
+  top, left = rng.integers(0, 2 * CIFAR_PAD + 1, size=2)
+  image = padded[top:top + h, left:left + w]
+  return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def train_image(stored: StoredImage, rng: np.random.Generator,
+                options: PreprocessOptions) -> np.ndarray:
+  """Augmented uint8 (image_size, image_size, 3) training image."""
+  size = options.image_size
+  if options.augment == 'imagenet':
+    box = random_resized_crop_box(rng, stored.height, stored.width)
+    image = stored.crop_resize(box, size, reduced_decode=True)
+    return image[:, ::-1] if rng.random() < 0.5 else image
+  if options.augment == 'cifar':
+    return cifar_crop_flip(_resized(stored, size), rng)
+  if options.augment == 'none':
+    return _resized(stored, size)
+  raise ValueError(f'config.augment={options.augment!r}; use one of '
+                   f'{AUGMENTATIONS}.')
+
+
+def eval_image(stored: StoredImage, options: PreprocessOptions) -> np.ndarray:
+  """Deterministic uint8 (image_size, image_size, 3) evaluation image."""
+  size = options.image_size
+  if (options.augment == 'imagenet'
+      and (stored.height, stored.width) != (size, size)):
+    box = resize_center_crop_box(stored.height, stored.width, size,
+                                 options.eval_crop_ratio)
+    return stored.crop_resize(box, size)
+  return _resized(stored, size)
+
+
+class _Normalizer:
+  """(pixel - mean) / std in float32."""
+
+  def __init__(self, options: PreprocessOptions):
+    self._mean = np.asarray(options.mean_rgb, np.float32)
+    self._std = np.asarray(options.std_rgb, np.float32)
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    return (image.astype(np.float32) - self._mean) / self._std
+
+
+class TrainPreprocess(grain.transforms.RandomMap):
+  """Example dict -> {'image': float32 (S, S, 3), 'label': int32}."""
+
+  def __init__(self, options: PreprocessOptions):
+    self._options = options
+    self._normalize = _Normalizer(options)
+
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    label = check_label(element['label'], self._options)
+    stored = StoredImage(element['image'], self._options.where)
+    image = train_image(stored, rng, self._options)
+    return {'image': self._normalize(image), 'label': label}
+
+
+class EvalPreprocess(grain.transforms.Map):
+  """Example with 'mask' -> {'image', 'label', 'mask'}; padding -> zeros."""
+
+  def __init__(self, options: PreprocessOptions):
+    self._options = options
+    self._normalize = _Normalizer(options)
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    if not element['mask']:
+      size = self._options.image_size
+      return {'image': np.zeros((size, size, 3), np.float32),
+              'label': np.int32(0), 'mask': np.bool_(False)}
+    label = check_label(element['label'], self._options)
+    stored = StoredImage(element['image'], self._options.where)
+    image = eval_image(stored, self._options)
+    return {'image': self._normalize(image), 'label': label,
+            'mask': np.bool_(True)}
