@@ -327,3 +327,13 @@ def test_bad_input_shapes_and_dtypes(resnet20_setup):
     model.apply(variables, jnp.zeros((32, 32, 3)))
   with pytest.raises(ValueError, match='dtype'):
     model.apply(variables, jnp.zeros((1, 32, 32, 3), jnp.uint8))
+
+
+@pytest.mark.parametrize('name,gmacs', [
+    ('resnet18', 1.814), ('resnet34', 3.664), ('resnet50', 4.089),
+    ('resnet101', 7.801), ('resnet152', 11.514), ('resnet20', 0.0406)])
+def test_forward_macs_match_torchvision_ops(name, gmacs):
+  from flax_resnet import cost
+  # torchvision's weights meta `_ops` (GFLOPS) rounds to 3 decimals.
+  assert round(cost.model_cost(name)['macs'] / 1e9, 4 if gmacs < 1 else 3) == (
+      gmacs)
