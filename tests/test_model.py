@@ -196,7 +196,7 @@ def test_preact_block_output_is_not_rectified_but_post_act_is():
 def resnet20_setup():
   model = flax_resnet.create_model('resnet20', num_classes=10)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
   return model, variables, x
 
 
@@ -274,11 +274,19 @@ def test_bfloat16_compute_keeps_float32_params():
   chex.assert_tree_all_finite(logits)
 
 
-def test_odd_input_sizes_work():
-  model = flax_resnet.create_model('resnet50d', num_classes=3)
-  x = jnp.ones((1, 97, 97, 3))
-  variables = jax.jit(lambda: model.init(jax.random.key(0), x))()
-  chex.assert_shape(model.apply(variables, x), (1, 3))
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50d', 'resnet50_v1',
+                                  'resnet18_v2'])
+def test_odd_input_sizes_give_torch_output_sizes(name):
+  model = flax_resnet.create_model(name, num_classes=3)
+  x = jax.ShapeDtypeStruct((1, 97, 97, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  logits, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, x)
+  chex.assert_shape(logits, (1, 3))
+  # torch: floor((n + 2p - k) / s) + 1 at every strided layer, ceil_mode
+  # avg-pool for D: 97 -> 49 (stem conv) -> 25 (max-pool) -> 13 -> 7 -> 4.
+  sizes = [state['intermediates'][f'stage{i}'][0].shape[1] for i in (1, 2, 3, 4)]
+  assert sizes == [25, 13, 7, 4]
 
 
 # ---------------------------------------------------------------- error paths
