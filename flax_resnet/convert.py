@@ -680,19 +680,8 @@ def save_safetensors(variables: Mapping[str, Any], model: ModelLike,
 # ------------------------------------------------------------------------ CLI
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-  import ast
-  if '=' not in text:
-    raise argparse.ArgumentTypeError(
-        f'override {text!r} must look like field=value, e.g. num_classes=10')
-  key, value = text.split('=', 1)
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  from flax_resnet.spec import parse_override  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog='python -m flax_resnet.convert',
       description='Convert a torchvision/timm ResNet state_dict (.pth or '
@@ -700,7 +689,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('model', help='preset name, e.g. resnet50')
   parser.add_argument('source', help='.pth / .pt / .safetensors file')
   parser.add_argument('out_dir', help='checkpoint directory to create')
-  parser.add_argument('overrides', nargs='*', type=_parse_override,
+  parser.add_argument('overrides', nargs='*', type=parse_override,
                       help='spec overrides such as num_classes=10')
   parser.add_argument('--skip-head', action='store_true',
                       help='do not load fc.*; keep a fresh classifier')

@@ -11,7 +11,6 @@ observed, so the table can only describe the network that actually runs.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import re
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from flax_resnet import layers
 from flax_resnet import references
 from flax_resnet.model import ResidualBlock, ResNet, Stem
+from flax_resnet.spec import parse_override
 from flax_resnet.zoo import create_model
 
 _BLOCK_NAME = re.compile(r'^stage(\d+)_block(\d+)$')
@@ -363,26 +363,13 @@ def format_table(layout: Layout) -> str:
   return '\n'.join(lines)
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-  if '=' not in text:
-    raise argparse.ArgumentTypeError(
-        f'override {text!r} must look like field=value, e.g. shortcut=A')
-  key, value = text.split('=', 1)
-  if value == 'None':
-    return key, None
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m flax_resnet.layout',
       description='Print a ResNet\'s stride/shortcut layout, derived from the '
       'module, and check it against a reference implementation.')
   parser.add_argument('model', help='preset name (see flax_resnet.list_models())')
-  parser.add_argument('overrides', nargs='*', type=_parse_override,
+  parser.add_argument('overrides', nargs='*', type=parse_override,
                       help='spec overrides such as shortcut=A stride_in=1x1')
   parser.add_argument('--reference', default='default',
                       help='torchvision, timm, gluon_v1, gluon_v2, keras, '

@@ -7,6 +7,8 @@ impossible combination before a single parameter is created.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 from typing import Any, Optional
 
@@ -215,3 +217,19 @@ class ResNetSpec:
         dtype=canonical_dtype(self.dtype, 'dtype'),
         param_dtype=canonical_dtype(self.param_dtype, 'param_dtype'),
     )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """'shortcut=A' -> ('shortcut', 'A'); values are Python literals if they parse.
+
+  The argparse `type=` of both CLIs (layout, convert), so a malformed override
+  is reported as a usage error.
+  """
+  if '=' not in text:
+    raise argparse.ArgumentTypeError(
+        f'override {text!r} must look like field=value, e.g. shortcut=A')
+  key, value = text.split('=', 1)
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
