@@ -3,7 +3,9 @@
 With no flags it trains the offline quickstart (real handwritten digits that
 ship with scikit-learn) into runs/quickstart. Override any field with
 --config.FIELD=VALUE, e.g. --config.batch_size=128 --config.model_overrides.shortcut=B.
-Multi-host: pass --distributed on every host (see README).
+Multi-host: pass --distributed on every host (see README); without a cluster
+environment jax can discover, also --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (tests/test_faults.py runs two on one CPU).
 """
 
 import logging as std_logging
@@ -26,6 +28,14 @@ _WORKDIR = flags.DEFINE_string(
     'Default: runs/<config file name>.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() first (multi-host).')
+# Without a cluster environment (SLURM, TPU pods, ...) jax cannot discover the
+# processes itself: name the coordinator and this process explicitly.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --distributed: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'With --distributed: how many processes in all.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'With --distributed: this process, 0..num_processes-1.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -45,10 +55,16 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from flax_resnet import train  # pylint: disable=g-import-not-at-top
+  from flax_resnet.train import loop  # pylint: disable=g-import-not-at-top
   from flax_resnet.layout import LayoutMismatch  # pylint: disable=g-import-not-at-top
   from flax_resnet.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    # The persistent compilation cache must be on before the first compile,
+    # and initialize() already compiles (its barrier).
+    loop.enable_compilation_cache(_CONFIG.value.compilation_cache_dir)
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   workdir = _WORKDIR.value or str(
       pathlib.Path('runs') / pathlib.Path(config_file.split(':')[0]).stem)

@@ -1,11 +1,19 @@
 """Orbax checkpoints: train state + data-iterator state + run metadata.
 
 Keeps the newest `keep` checkpoints plus the best by eval top-1. Orbax writes
-each step into a temporary folder and renames it when complete, so a process
-killed mid-save leaves no half-written step behind. A finished step that is
-later damaged (truncated file, deleted piece) is skipped on restore with a
-warning that names it; restore falls back to the next-newest intact step and
-never silently starts from scratch.
+each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+process killed mid-save leaves no half-written step behind: the tmp folder is
+not a step, restore ignores it and the next save of that step replaces it.
+
+Every save also records CRC32 checksums of the train state and of the iterator
+state in the step's metadata, because the array store has none of its own: a
+flipped byte in a data file would otherwise restore silently as wrong weights.
+
+A finished step that is later damaged (truncated or flipped bytes, a deleted
+piece) is skipped on restore with a warning that names it, and moved aside to
+`<directory>.damaged/` (kept, not deleted, and out of the way of the step the
+resumed run will write again). Restore falls back to the newest intact step and
+never silently starts from scratch: if every step is damaged it raises.
 """
 
 from __future__ import annotations
@@ -14,7 +22,11 @@ import json
 import logging
 import os
 import pathlib
+import re
+import shutil
+import time
 from typing import Any, Optional
+import zlib
 
 import jax
 import numpy as np
@@ -23,9 +35,15 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
 
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
 
 class CheckpointError(ValueError):
   """A checkpoint exists but cannot be used; the message says why and how."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """One step's files are unreadable or fail their checksum."""
 
 
 def _encode_data_state(state) -> dict[str, Any]:
@@ -46,6 +64,68 @@ def _shape_tree(tree) -> dict[str, tuple]:
           for path, leaf in flat}
 
 
+def _host_value(leaf) -> Optional[np.ndarray]:
+  """The leaf's full value on this host; None if this host cannot see it all."""
+  if isinstance(leaf, jax.Array):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    if leaf.is_fully_replicated:
+      leaf = leaf.addressable_data(0)
+    elif not leaf.is_fully_addressable:
+      return None
+  return np.ascontiguousarray(np.asarray(leaf))
+
+
+def state_checksum(state) -> Optional[str]:
+  """CRC32 over every leaf's path, dtype, shape and bytes, or None.
+
+  None when some leaf is sharded across processes (this host cannot see all of
+  it); the loop's state is replicated, so that does not happen there.
+  """
+  crc = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    value = _host_value(leaf)
+    if value is None:
+      return None
+    header = f'{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}'
+    crc = zlib.crc32(header.encode(), crc)
+    crc = zlib.crc32(value.view(np.uint8).reshape(-1).data, crc)
+  return f'{crc:08x}'
+
+
+def json_checksum(payload) -> str:
+  return f'{zlib.crc32(json.dumps(payload, sort_keys=True).encode()):08x}'
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:200] if text else ""}'
+
+
+# How tensorstore (which writes the arrays) reports an OS error.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_IO_MARKERS = ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED', 'No space left',
+               'Read-only file system', 'Disk quota exceeded')
+
+
+def _write_failure_reason(error: BaseException) -> Optional[str]:
+  """'No space left on device' etc. if `error` is an I/O failure, else None."""
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
+  text = str(error)
+  if match := _OS_ERROR_CODE.search(text):
+    return os.strerror(int(match.group(1)))
+  if any(marker in text for marker in _IO_MARKERS):
+    return _first_line(error)
+  return None
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
   """Save every N steps, keep K + best, restore the newest intact step."""
 
@@ -64,33 +144,80 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=('state', 'data', 'meta'))
+    self._pending_step: Optional[int] = None
+
+  @property
+  def damaged_directory(self) -> pathlib.Path:
+    return self.directory.with_name(self.directory.name + '.damaged')
 
   def all_steps(self) -> list[int]:
     self.manager.reload()
     return sorted(self.manager.all_steps())
 
+  def unfinished_saves(self) -> list[pathlib.Path]:
+    """Temporary folders of saves that were interrupted (not steps)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(p for p in self.directory.iterdir() if TMP_SUFFIX in p.name)
+
+  def _raise_if_write_failure(self, step: Optional[int], error: Exception):
+    """Turns an I/O failure of a save into a CheckpointError that says why."""
+    reason = _write_failure_reason(error)
+    if reason is None:
+      return
+    steps = [s for s in self.all_steps() if s != step]
+    kept = (f'the previous checkpoint (step {steps[-1]}) is intact'
+            if steps else 'no earlier checkpoint exists')
+    raise CheckpointError(
+        f'could not write checkpoint step {step} to {self.directory} '
+        f'({reason}); {kept}. Free disk space or choose a --workdir on a '
+        'larger, writable disk, then rerun the same command to resume.'
+    ) from error
+
   def save(self, step: int, state, data_state, meta: dict[str, Any],
            metrics: Optional[dict[str, float]] = None) -> bool:
-    saved = self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_encode_data_state(data_state)),
-            meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    """Starts writing `step` (asynchronously); raises CheckpointError on I/O.
+
+    An error of an earlier asynchronous save surfaces here, or at wait/close.
+    """
+    encoded = _encode_data_state(data_state)
+    meta = {**meta, 'checksums': {'state': state_checksum(state),
+                                  'data': json_checksum(encoded)}}
+    try:
+      saved = self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(encoded),
+              meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      # An earlier asynchronous save's error surfaces here too.
+      self._raise_if_write_failure(
+          step if self._pending_step is None else self._pending_step, e)
+      raise
+    self._pending_step = step
     return bool(saved)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_write_failure(self._pending_step, e)
+      raise
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
-  def _check_architecture(self, step: int, abstract_state, meta: dict):
-    """Raises CheckpointError if `step` holds a different network."""
-    saved = self.manager.restore(
+  def _read_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def _check_architecture(self, step: int, saved: dict, meta: dict):
+    """Raises CheckpointError if `step` holds a different network."""
     if saved.get('model') != meta.get('model') or saved.get(
         'spec') != meta.get('spec'):
       raise CheckpointError(
@@ -101,53 +228,91 @@ class Checkpointer:
           'config.init_from to that checkpoint with init_from_skip_head=True '
           'to fine-tune from it.')
 
+  def restore(self, step: int, abstract_state, meta: dict[str, Any]):
+    """(state, data_state) of one step.
+
+    Raises:
+      CheckpointError: the step holds a different architecture.
+      DamagedCheckpointError: its files are unreadable or fail the checksums.
+    """
+    try:
+      saved = self._read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f'step {step}: metadata unreadable ({_first_line(e)})') from e
+    self._check_architecture(step, saved, meta)
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f'step {step}: unreadable ({_first_line(e)})') from e
+    state = restored['state']
+    _check_shapes(state, abstract_state, step)
+    want = saved.get('checksums') or {}
+    got = {'state': state_checksum(state),
+           'data': json_checksum(restored['data'])}
+    for part in ('state', 'data'):
+      if want.get(part) and got[part] and want[part] != got[part]:
+        raise DamagedCheckpointError(
+            f'step {step}: {part} checksum mismatch (saved {want[part]}, read '
+            f'{got[part]}): its files were modified or corrupted on disk')
+    return state, _decode_data_state(restored['data'])
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    """Moves a damaged step out of the manager's folder; never deletes it."""
+    target = self.damaged_directory / str(step)
+    if target.exists():
+      target = target.with_name(f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    return target
+
   def restore_latest(self, abstract_state, meta: dict[str, Any]):
     """(state, data_state, step) of the newest intact step, or None if none.
 
-    Damaged steps are skipped with a warning naming them. If steps exist but
-    none restores, raises instead of starting over.
+    Damaged steps are skipped with a warning naming them, then moved to
+    `damaged_directory` so that the resumed run can write those steps again.
+    If steps exist but none restores, raises instead of starting over.
     """
     steps = self.all_steps()
-    damaged = []
+    damaged: list[tuple[int, BaseException]] = []
+    found = None
     for step in reversed(steps):
       try:
-        self._check_architecture(step, abstract_state, meta)
-      except CheckpointError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
+        found = (*self.restore(step, abstract_state, meta), step)
+        break
+      except DamagedCheckpointError as e:
         damaged.append((step, e))
-        log.warning('checkpoint step %d in %s is damaged (%s: %s); falling '
-                    'back to an older one.', step, self.directory,
-                    type(e).__name__, str(e).splitlines()[0][:200])
-        continue
-      try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore()))
-        state = restored['state']
-        _check_finite_shapes(state, abstract_state, step)
-      except CheckpointError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        damaged.append((step, e))
-        log.warning('checkpoint step %d in %s is damaged (%s: %s); falling '
-                    'back to an older one.', step, self.directory,
-                    type(e).__name__, str(e).splitlines()[0][:200])
-        continue
-      return state, _decode_data_state(restored['data']), step
+        log.warning('checkpoint step %d in %s is damaged (%s); falling back '
+                    'to an older one.', step, self.directory, e)
+    if found is None:
+      if damaged:
+        listing = '\n  '.join(str(e) for _, e in damaged)
+        raise CheckpointError(
+            f'every checkpoint in {self.directory} is damaged:\n  {listing}\n'
+            'Refusing to start from scratch silently: move the folder away to '
+            'start a new run, or restore a backup.')
+      if unfinished := self.unfinished_saves():
+        log.warning('%s holds only interrupted saves (%s), no finished '
+                    'checkpoint: starting from step 0.', self.directory,
+                    ', '.join(p.name for p in unfinished))
+      return None
+    _sync('flax_resnet_checkpoint_scanned')
+    for step, _ in damaged:
+      target = self._move_aside(step)
+      log.warning('moved damaged checkpoint step %d to %s; resuming from step '
+                  '%d.', step, target, found[2])
     if damaged:
-      listing = '\n  '.join(f'step {s}: {type(e).__name__}: '
-                            f'{str(e).splitlines()[0][:200]}'
-                            for s, e in damaged)
-      raise CheckpointError(
-          f'every checkpoint in {self.directory} is damaged:\n  {listing}\n'
-          'Refusing to start from scratch silently: move the folder away to '
-          'start a new run, or restore a backup.')
-    return None
+      _sync('flax_resnet_checkpoint_moved')
+      self.manager.reload()
+    return found
 
 
-def _check_finite_shapes(state, abstract_state, step: int):
+def _check_shapes(state, abstract_state, step: int):
   got, want = _shape_tree(state), _shape_tree(abstract_state)
   diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
   if diff:

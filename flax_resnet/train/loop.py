@@ -39,7 +39,15 @@ def enable_compilation_cache(directory: str):
   if not directory:
     return
   path = os.path.expanduser(directory)
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    # Only a speed-up: a read-only home must not stop training.
+    log.warning('config.compilation_cache_dir=%r cannot be created (%s); '
+                'training without the persistent compilation cache. Set it to '
+                'a writable folder, or to "" to turn it off.', directory,
+                e.strerror)
+    return
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -121,8 +129,15 @@ def _truncate_metrics(path: pathlib.Path, last_step: int):
   """On resume, drop records logged after the restored checkpoint."""
   if not path.exists():
     return
-  kept = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line)['step'] <= last_step]
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)['step'] <= last_step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      # A line cut short (disk full, killed mid-write) loses only itself.
+      if line.strip():
+        log.warning('%s: dropping an unreadable record %r', path, line[:80])
   path.write_text(''.join(line + '\n' for line in kept))
 
 
@@ -154,7 +169,9 @@ def _load_init_weights(config, spec, state):
     steps = mgr.all_steps()
     if not steps:
       raise config_check.ConfigError(
-          f'config.init_from: no checkpoint found in {ckpt_dir}.')
+          f'config.init_from: no checkpoint found in {ckpt_dir}; give a '
+          'training workdir that holds checkpoints, or a torchvision '
+          '.pth/.safetensors file.')
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     restored = mgr.manager.restore(steps[-1], args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))['state']
@@ -162,8 +179,22 @@ def _load_init_weights(config, spec, state):
                  'batch_stats': restored['batch_stats']}
     mgr.close()
   else:
-    variables = convert.torch_to_flax(path, spec,
-                                      skip_head=config.init_from_skip_head)
+    try:
+      variables = convert.torch_to_flax(path, spec,
+                                        skip_head=config.init_from_skip_head)
+    except convert.StateDictMismatch as e:
+      raise config_check.ConfigError(
+          f'config.init_from: {path} does not fit model {config.model!r} '
+          '(config.init_from_skip_head=True loads all but the classifier):\n'
+          f'{e}') from e
+    except Exception as e:  # pylint: disable=broad-except
+      # torch / safetensors errors on a file that is not a state_dict at all;
+      # their first sentence only (torch goes on to suggest unpickling it).
+      reason = str(e).strip().split('\n')[0].split('. ')[0][:150]
+      raise config_check.ConfigError(
+          f'config.init_from: {path} is not a readable state_dict '
+          f'({type(e).__name__}: {reason}); give a torchvision '
+          '.pth/.safetensors file or a training workdir.') from e
   params, batch_stats = variables['params'], variables['batch_stats']
   if config.init_from_skip_head:
     params = dict(params)
@@ -199,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_path = pathlib.Path(workdir).expanduser().absolute()
   try:
     workdir_path.mkdir(parents=True, exist_ok=True)
-    probe = workdir_path / '.write_test'
+    # One name per process: processes sharing a workdir must not remove each
+    # other's probe.
+    probe = workdir_path / f'.write_test.{jax.process_index()}.{os.getpid()}'
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
@@ -243,10 +276,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if restored is not None:
     state, data_state, start_step = restored
     train_iter.set_state(data_state)
-    _truncate_metrics(workdir_path / 'metrics.jsonl', start_step)
     log.info('resumed from step %d in %s', start_step, ckpt.directory)
   elif config.init_from:
     state = _load_init_weights(config, spec, state)
+  if is_lead:
+    # Drop records of steps this run will train again, also when a run killed
+    # before its first checkpoint starts over from step 0.
+    _truncate_metrics(workdir_path / 'metrics.jsonl', start_step)
 
   train_step = jax.jit(
       functools.partial(steps_lib.train_step, num_classes=config.num_classes,
@@ -305,8 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def save(metrics=None):
     if not bool(all_finite(state)):
       raise NonFiniteLossError(
-          f'parameters are NaN/Inf at step {step}; not saving. The last good '
-          f'checkpoint in {ckpt.directory} is intact.')
+          f'parameters are NaN/Inf at step {step}; not saving. The cause is '
+          'numerical blow-up in an update (too high a learning rate, or fp16 '
+          f'overflow). The last good checkpoint in {ckpt.directory} is intact. '
+          'Lower config.learning_rate, set config.grad_clip_norm, or use '
+          'precision=bfloat16, then rerun to resume from it.')
     ckpt.save(step, state, prefetcher.state, meta, metrics)
 
   try:

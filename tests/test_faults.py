@@ -1,0 +1,590 @@
+"""Fault injection: kills, signals, damaged checkpoints, NaN, two processes.
+
+Every run here is `python train.py --config tests/fault_config.py` (24 steps of
+a tiny resnet20 on the real offline digits, a checkpoint every 2 steps), so
+what is tested is what a user runs. The uninterrupted reference run keeps
+every checkpoint, so each checkpoint a faulty run leaves behind is compared
+bit for bit with the reference's state at the same step.
+
+Subprocess start-up (imports) dominates, so the subprocess scenarios run in two
+background threads (one process each at a time, one per core) while the
+in-process tests run; each test then checks its scenario's outcome.
+"""
+
+import concurrent.futures
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from flax_resnet import data as data_lib
+from flax_resnet.model import ResNet
+from flax_resnet.train import checkpoint as checkpoint_lib
+from flax_resnet.train import config_check
+from flax_resnet.train import loop
+from flax_resnet.train import optim
+from flax_resnet.train import parallel
+from flax_resnet.train import steps as steps_lib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_PY = REPO / 'train.py'
+CONFIG_FILE = REPO / 'tests' / 'fault_config.py'
+TOTAL_STEPS = 24
+STATE_PARTS = ('params', 'batch_stats', 'opt_state', 'step', 'rng')
+# Generous: a cold launch compiles for ~15 s, slower with the cores shared.
+LAUNCH_TIMEOUT = 240
+
+
+def fault_config():
+  sys.path.insert(0, str(CONFIG_FILE.parent))
+  try:
+    import fault_config as module  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return module.get_config()
+
+
+# --------------------------------------------------------- subprocess runs
+
+
+class Run:
+  """One `python train.py` subprocess, its output in a log file."""
+
+  def __init__(self, workdir, log_path, *flags):
+    self.log_path = pathlib.Path(log_path)
+    self._log = open(self.log_path, 'w')
+    self.proc = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), '--config', str(CONFIG_FILE),
+         '--workdir', str(workdir), *flags],
+        cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+  def output(self) -> str:
+    if not self._log.closed:
+      self._log.flush()
+    return self.log_path.read_text()
+
+  def wait(self, timeout=LAUNCH_TIMEOUT) -> int:
+    try:
+      rc = self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      raise AssertionError(f'train.py did not finish in {timeout} s:\n'
+                           f'{self.output()[-3000:]}') from None
+    self._log.close()
+    return rc
+
+  def alive(self) -> bool:
+    return self.proc.poll() is None
+
+
+def wait_until(predicate, run: Run, what: str, timeout=LAUNCH_TIMEOUT):
+  """Polls `predicate` every 2 ms; fails if the run ends or time runs out."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if not run.alive():
+      raise AssertionError(f'train.py exited (rc {run.proc.returncode}) '
+                           f'before {what}:\n{run.output()[-3000:]}')
+    time.sleep(0.002)
+  run.proc.kill()
+  raise AssertionError(f'timed out waiting for {what}:\n{run.output()[-3000:]}')
+
+
+def step_dirs(workdir) -> set[int]:
+  folder = pathlib.Path(workdir) / 'checkpoints'
+  if not folder.is_dir():
+    return set()
+  return {int(p.name) for p in folder.iterdir() if p.name.isdigit()}
+
+
+def save_folders(workdir) -> set[tuple[str, int]]:
+  """(name, inode) of the tmp folders of saves under way or interrupted."""
+  try:
+    with os.scandir(pathlib.Path(workdir) / 'checkpoints') as entries:
+      return {(e.name, e.inode()) for e in entries
+              if checkpoint_lib.TMP_SUFFIX in e.name}
+  except FileNotFoundError:
+    return set()
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(workdir) -> dict[int, float]:
+  records = [r for r in read_metrics(workdir) if 'train_loss' in r]
+  steps = [r['step'] for r in records]
+  assert len(steps) == len(set(steps)), f'steps logged twice: {steps}'
+  return {r['step']: r['train_loss'] for r in records}
+
+
+def logged_steps(workdir) -> int:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  return max((json.loads(line)['step']
+              for line in path.read_text().splitlines()), default=0)
+
+
+def file_digests(folder) -> dict[str, str]:
+  folder = pathlib.Path(folder)
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def snapshot(workdir, dest) -> pathlib.Path:
+  """A copy of the checkpoints as a kill left them (later runs prune them)."""
+  if (pathlib.Path(workdir) / 'checkpoints').exists():
+    shutil.copytree(pathlib.Path(workdir) / 'checkpoints', dest)
+  return dest
+
+
+def copy_reference(reference_dir, steps, dest):
+  """A workdir holding the reference run's checkpoints `steps` and metrics."""
+  (dest / 'checkpoints').mkdir(parents=True)
+  for step in steps:
+    shutil.copytree(reference_dir / 'checkpoints' / str(step),
+                    dest / 'checkpoints' / str(step))
+  records = [r for r in read_metrics(reference_dir) if r['step'] <= max(steps)]
+  (dest / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in records))
+
+
+def truncate_largest_array_file(step_dir):
+  largest = max((step_dir / 'state').rglob('d/*'), key=lambda p: p.stat(
+      ).st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+
+
+def flip_a_byte(step_dir):
+  largest = max((step_dir / 'state').rglob('d/*'), key=lambda p: p.stat(
+      ).st_size)
+  raw = bytearray(largest.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  largest.write_bytes(bytes(raw))
+
+
+# -------------------------------------------------- scenarios (background)
+
+
+def run_reference(root) -> pathlib.Path:
+  """The uninterrupted run, checkpointing every step and keeping them all."""
+  run = Run(root / 'reference', root / 'reference.log',
+            '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=100')
+  assert run.wait() == 0, run.output()[-3000:]
+  assert step_dirs(root / 'reference') == set(range(1, TOTAL_STEPS + 1))
+  return root / 'reference'
+
+
+def wait_for_moment(kind: str, rng: random.Random, run: Run, workdir) -> str:
+  """Waits for the moment `kind` names; returns a description of it."""
+  if kind == 'startup':  # imports, compilation or the restore
+    delay = rng.uniform(2.0, 10.0)
+    time.sleep(delay)
+    return f'startup +{delay:.1f}s'
+  if kind == 'saving':  # a new orbax tmp folder: a save is under way
+    # (one left by an earlier kill is replaced when its step is saved again)
+    stale = save_folders(workdir)
+    wait_until(lambda: save_folders(workdir) - stale, run, 'a save to start')
+    return 'mid-save'
+  if kind == 'pruning':  # a step was just finalized, the oldest is deleted
+    keep = fault_config().keep_checkpoints
+
+    def new_step_with_old_to_prune():
+      steps = step_dirs(workdir)
+      return bool(steps - seen) and (len(steps) > keep or bool(seen - steps))
+
+    seen = step_dirs(workdir)
+    wait_until(new_step_with_old_to_prune, run, 'a step beyond the kept ones')
+    delay = rng.uniform(0.0, 0.1)
+    time.sleep(delay)
+    return f'new step, pruning +{delay:.2f}s'
+  if kind == 'training':  # a random step, at a random moment of it
+    target = logged_steps(workdir) + rng.randint(1, 6)
+    wait_until(lambda: logged_steps(workdir) >= target, run, f'step {target}')
+    delay = rng.uniform(0.0, 0.3)
+    time.sleep(delay)
+    return f'training, step {target} +{delay:.2f}s'
+  raise ValueError(kind)
+
+
+def chain_scenario(root, plan, seed: int, damage_after=None) -> dict:
+  """Interrupts a run as `plan` says, resuming each time, then to the end.
+
+  plan: (signal, moment) pairs, e.g. (SIGKILL, 'saving'); shuffled with
+  `seed`, which also draws the random delays. After the stop by signal
+  `damage_after`, the newest checkpoint is damaged (an array file truncated),
+  so the next run must fall back to an older one and write that step again.
+  """
+  workdir = root / 'run'
+  rng = random.Random(seed)
+  plan = list(plan)
+  rng.shuffle(plan)
+  stops = []
+  for i, (signum, kind) in enumerate(plan):
+    run = Run(workdir, root / f'launch{i}.log')
+    when = wait_for_moment(kind, rng, run, workdir)
+    assert run.alive(), f'run ended before {when}:\n{run.output()[-3000:]}'
+    saving = save_folders(workdir)
+    run.proc.send_signal(signum)
+    rc = run.wait()
+    stops.append({
+        'signal': signum, 'when': when, 'rc': rc, 'output': run.output(),
+        'logged_step': logged_steps(workdir), 'step_dirs': step_dirs(workdir),
+        # A save was cut short if its tmp folder outlived the process.
+        'mid_save': signum == signal.SIGKILL and bool(
+            saving & save_folders(workdir)),
+        'snapshot': snapshot(workdir, root / f'after_stop{i}')})
+    if signum == damage_after:
+      stops[-1]['damaged_step'] = max(step_dirs(workdir))
+      truncate_largest_array_file(
+          workdir / 'checkpoints' / str(stops[-1]['damaged_step']))
+  final = Run(workdir, root / 'final.log')
+  return {'workdir': workdir, 'stops': stops, 'final_rc': final.wait(),
+          'final_output': final.output()}
+
+
+SIGKILL_PLAN = [(signal.SIGKILL, kind)
+                for kind in ('saving', 'pruning', 'training', 'startup')]
+SIGNAL_PLAN = [(signal.SIGTERM, 'training'), (signal.SIGINT, 'training'),
+               (signal.SIGKILL, 'saving')]
+
+
+def nan_scenario(root, reference_dir) -> dict:
+  """Resume the reference's step 12 with a learning rate that explodes."""
+  copy_reference(reference_dir, (10, 12), root)
+  before = file_digests(root / 'checkpoints')
+  run = Run(root, root / 'nan.log', '--config.learning_rate=1e30',
+            '--config.schedule=constant', '--config.warmup_steps=0')
+  return {'rc': run.wait(), 'output': run.output(), 'before': before,
+          'after': file_digests(root / 'checkpoints'),
+          'step_dirs': step_dirs(root)}
+
+
+class Scenarios:
+  """The subprocess scenarios on two threads: one train.py per core.
+
+  Thread 1: the reference run, the NaN run, then the signal chain; thread 2:
+  the SIGKILL chain.
+  """
+
+  def __init__(self, root: pathlib.Path):
+    for name in ('reference', 'sigkill', 'signals', 'nan'):
+      (root / name).mkdir()
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    self._pool = pool
+    self.reference = pool.submit(run_reference, root / 'reference')
+    self.sigkill = pool.submit(chain_scenario, root / 'sigkill', SIGKILL_PLAN,
+                               seed=6)
+    self.nan = pool.submit(
+        lambda: nan_scenario(root / 'nan', self.reference.result()))
+    self.signals = pool.submit(chain_scenario, root / 'signals', SIGNAL_PLAN,
+                               seed=15, damage_after=signal.SIGTERM)
+    self._states = {}
+
+  def reference_dir(self) -> pathlib.Path:
+    return self.reference.result()
+
+  def reference_state(self, step: int):
+    if step not in self._states:
+      self._states[step] = restore_step(
+          self.reference_dir() / 'checkpoints', step)[0]
+    return self._states[step]
+
+  def reference_losses(self) -> dict[int, float]:
+    return train_losses(self.reference_dir())
+
+  def finish(self):
+    self._pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope='module')
+def scenarios(tmp_path_factory):
+  # Builds the digits dataset once, before several processes could race to.
+  data_lib.dataset_info(fault_config())
+  started = Scenarios(tmp_path_factory.mktemp('faults'))
+  yield started
+  started.finish()
+
+
+# ------------------------------------------------- in-process verification
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_state_and_meta():
+  """What the loop restores into, built the way the loop builds it."""
+  config = fault_config()
+  spec = config_check.validate_config(config)
+  tx = optim.create_optimizer(config, optim.create_schedule(
+      config, 1, config.num_train_steps))
+  shape = (config.image_size, config.image_size, 3)
+  state = jax.eval_shape(functools.partial(
+      steps_lib.create_train_state, ResNet(spec), tx, image_shape=shape),
+                         jax.random.PRNGKey(0))
+  replicated = parallel.replicated(parallel.create_mesh())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state)
+  return abstract, {'model': config.model, 'spec': repr(spec)}
+
+
+def checkpointer(folder) -> checkpoint_lib.Checkpointer:
+  return checkpoint_lib.Checkpointer(folder, keep=100, keep_best=False,
+                                     async_save=False)
+
+
+def restore_step(folder, step: int):
+  """(state as numpy, data_state) of one step; raises if damaged."""
+  abstract, meta = abstract_state_and_meta()
+  ckpt = checkpointer(folder)
+  try:
+    state, data_state = ckpt.restore(step, abstract, meta)
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, state), data_state
+
+
+def assert_states_equal(got, want, context: str):
+  for part in STATE_PARTS:
+    flat_got = jax.tree_util.tree_flatten_with_path(getattr(got, part))[0]
+    flat_want = jax.tree_util.tree_flatten_with_path(getattr(want, part))[0]
+    assert len(flat_got) == len(flat_want), (context, part)
+    for (path, a), (_, b) in zip(flat_got, flat_want):
+      np.testing.assert_array_equal(
+          a, b, err_msg=f'{context}: {part}{jax.tree_util.keystr(path)}')
+
+
+def check_every_checkpoint(folder, scenarios, context: str):
+  """Each step on disk restores to the reference state or is skipped cleanly.
+
+  Also: restore_latest picks the newest step, or None (start from step 0) when
+  the run was stopped before its first checkpoint was finished.
+  """
+  steps = checkpointer(folder).all_steps() if folder.exists() else []
+  for step in steps:
+    try:
+      state, data_state = restore_step(folder, step)
+    except checkpoint_lib.DamagedCheckpointError:
+      # Only a kill while orbax prunes an old step can leave one half gone;
+      # a kill never damages the newest step.
+      assert step != steps[-1], f'{context}: newest step {step} is damaged'
+      continue
+    assert data_state['next_batch'] == step, (context, step, data_state)
+    assert_states_equal(state, scenarios.reference_state(step),
+                        f'{context}, step {step}')
+  if folder.exists():
+    abstract, meta = abstract_state_and_meta()
+    ckpt = checkpointer(folder)
+    latest = ckpt.restore_latest(abstract, meta)
+    ckpt.close()
+    assert (latest[2] if latest else None) == (steps[-1] if steps else None)
+
+
+def assert_final_equals_reference(workdir, scenarios, context: str):
+  state, _ = restore_step(workdir / 'checkpoints', TOTAL_STEPS)
+  assert_states_equal(state, scenarios.reference_state(TOTAL_STEPS), context)
+  assert train_losses(workdir) == scenarios.reference_losses()
+
+
+# ------------------------------------------------------ damaged checkpoints
+
+
+DAMAGE = {
+    'truncated_array_file': truncate_largest_array_file,
+    'flipped_byte_in_array_file': flip_a_byte,
+    'deleted_array_metadata': lambda d: (d / 'state' / '_METADATA').unlink(),
+    'deleted_iterator_state': lambda d: shutil.rmtree(d / 'data'),
+    'deleted_run_metadata': lambda d: shutil.rmtree(d / 'meta'),
+    'garbled_run_metadata': lambda d: (d / 'meta' / 'metadata').write_text(
+        '{"model": '),
+    'emptied_step_folder': lambda d: [shutil.rmtree(d), d.mkdir()],
+}
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(
+    damage, scenarios, tmp_path, caplog):
+  copy_reference(scenarios.reference_dir(), (20, 22, 24), tmp_path)
+  DAMAGE[damage](tmp_path / 'checkpoints' / '24')
+  abstract, meta = abstract_state_and_meta()
+  ckpt = checkpointer(tmp_path / 'checkpoints')
+  with caplog.at_level('WARNING'):
+    state, data_state, step = ckpt.restore_latest(abstract, meta)
+  ckpt.close()
+  assert step == 22 and data_state['next_batch'] == 22
+  assert_states_equal(jax.tree.map(np.asarray, state),
+                      scenarios.reference_state(22), damage)
+  assert 'checkpoint step 24' in caplog.text, caplog.text
+  assert 'damaged' in caplog.text
+  # Kept for inspection, out of the way of the step the run writes again.
+  assert (tmp_path / 'checkpoints.damaged' / '24').is_dir()
+  assert step_dirs(tmp_path) == {20, 22}
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(scenarios, tmp_path):
+  copy_reference(scenarios.reference_dir(), (20, 22, 24), tmp_path)
+  for step, damage in zip((20, 22, 24), ('truncated_array_file',
+                                         'deleted_run_metadata',
+                                         'flipped_byte_in_array_file')):
+    DAMAGE[damage](tmp_path / 'checkpoints' / str(step))
+  before = file_digests(tmp_path / 'checkpoints')
+  with pytest.raises(checkpoint_lib.CheckpointError) as e:
+    loop.train_and_evaluate(fault_config(), str(tmp_path))
+  message = str(e.value)
+  assert 'every checkpoint' in message, message
+  assert 'Refusing to start from scratch' in message
+  for step in (20, 22, 24):
+    assert f'step {step}:' in message
+  # Nothing was moved, deleted or overwritten.
+  assert file_digests(tmp_path / 'checkpoints') == before
+  assert not (tmp_path / 'checkpoints.damaged').exists()
+
+
+def test_nonfinite_parameters_with_a_finite_loss_are_never_saved(scenarios,
+                                                                 tmp_path):
+  # lr=1e10: step 14's loss is still finite (~1e20) but its update overflows
+  # the parameters, which the check before every save catches.
+  copy_reference(scenarios.reference_dir(), (10, 12), tmp_path)
+  before = file_digests(tmp_path / 'checkpoints')
+  config = fault_config()
+  config.learning_rate, config.schedule, config.warmup_steps = 1e10, 'constant', 0
+  with pytest.raises(loop.NonFiniteLossError) as e:
+    loop.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  assert 'parameters are NaN/Inf at step 14; not saving' in message, message
+  assert 'config.learning_rate' in message and 'intact' in message
+  assert file_digests(tmp_path / 'checkpoints') == before
+  assert step_dirs(tmp_path) == {10, 12}
+
+
+# ---------------------------------------------------------- kills & signals
+
+
+def check_chain_end(outcome, scenarios, context):
+  assert max(stop['logged_step'] for stop in outcome['stops']) < TOTAL_STEPS
+  assert outcome['final_rc'] == 0, outcome['final_output'][-3000:]
+  assert 'completed at step 24/24' in outcome['final_output']
+  # Final params, batch_stats, opt_state, step and rng, bit for bit; and the
+  # logged loss of every step, each logged once.
+  assert_final_equals_reference(outcome['workdir'], scenarios, context)
+
+
+def check_kill(stop, scenarios):
+  assert stop['rc'] == -signal.SIGKILL, stop['output'][-3000:]
+  # What the kill left restores to the reference state, step by step; the
+  # tmp folder of a save cut short is not a step and is ignored.
+  check_every_checkpoint(stop['snapshot'], scenarios, stop['when'])
+  if stop['when'] == 'mid-save':
+    assert stop['mid_save'], f'the save finished before the kill: {stop}'
+
+
+def test_sigkill_at_random_moments_resumes_bit_identically(scenarios):
+  outcome = scenarios.sigkill.result()
+  for stop in outcome['stops']:
+    check_kill(stop, scenarios)
+  check_chain_end(outcome, scenarios, 'after kills')
+  print('kills:', [(s['when'], s['logged_step']) for s in outcome['stops']])
+
+
+def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(scenarios):
+  outcome = scenarios.signals.result()
+  stopped_at = []
+  next_outputs = [s['output'] for s in outcome['stops'][1:]] + [
+      outcome['final_output']]
+  for stop, next_output in zip(outcome['stops'], next_outputs):
+    if 'damaged_step' in stop:
+      # The run after it skipped the damaged step with a warning naming it,
+      # moved it aside and wrote that step again (checked bit for bit below).
+      damaged = stop['damaged_step']
+      assert f'checkpoint step {damaged} in' in next_output, next_output
+      assert f'moved damaged checkpoint step {damaged}' in next_output
+      resumed = int(next_output.split('resumed from step ')[1].split()[0])
+      assert resumed < damaged
+    if stop['signal'] == signal.SIGKILL:
+      check_kill(stop, scenarios)
+      continue
+    out = stop['output']
+    assert stop['rc'] == 0, out[-3000:]
+    assert f'stopping early (signal {int(stop["signal"])})' in out, out[-3000:]
+    step = int(out.split('checkpoint at step ')[1].split()[0])
+    assert f'== preempted at step {step}/24' in out
+    # The checkpoint holds the step the signal interrupted, not an older one.
+    assert max(stop['step_dirs']) == step == stop['logged_step']
+    state, data_state = restore_step(stop['snapshot'], step)
+    assert data_state['next_batch'] == step
+    assert_states_equal(state, scenarios.reference_state(step), stop['when'])
+    stopped_at.append(step)
+  assert len(stopped_at) == 2
+  check_chain_end(outcome, scenarios, 'after signals')
+  print('stops:', [(s['signal'], s['when'], s['logged_step'])
+                   for s in outcome['stops']])
+
+
+# ---------------------------------------------------------------- NaN / Inf
+
+
+def test_nan_stops_train_py_with_exit_1_and_keeps_last_checkpoint(scenarios):
+  outcome = scenarios.nan.result()
+  out = outcome['output']
+  assert outcome['rc'] == 1, out[-3000:]
+  error = out[out.index('error: '):]
+  # Step 13's update overflows; step 14's loss and gradients are not finite.
+  assert 'training diverged at step 14: loss=' in error, error
+  assert 'lr=1e+30' in error and 'numerical blow-up' in error
+  assert 'config.learning_rate' in error and 'intact' in error
+  # The last good checkpoints are untouched, byte for byte; nothing newer.
+  assert outcome['after'] == outcome['before']
+  assert outcome['step_dirs'] == {10, 12}
+
+
+# ------------------------------------------------------- two processes
+
+
+def test_two_processes_train_the_same_global_batch_as_one(scenarios,
+                                                          tmp_path):
+  scenarios.finish()  # both cores for the two processes
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  workdir = tmp_path / 'run'
+  runs = [Run(workdir, tmp_path / f'process{i}.log', '--distributed',
+              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={i}',
+              # Fewer multi-process saves; the training numbers do not change.
+              '--config.checkpoint_every_steps=12') for i in range(2)]
+  for run in runs:
+    assert run.wait(timeout=400) == 0, run.output()[-3000:]
+  assert 'completed at step 24/24' in runs[0].output()
+  got, want = train_losses(workdir), scenarios.reference_losses()
+  assert sorted(got) == sorted(want)
+  # The first steps differ only in the order of the cross-process sums
+  # (float32 rounding); later ones compound that through SGD.
+  for step in range(1, 12):
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-5,
+                               err_msg=f'step {step}')
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-2,
+                               err_msg=f'step {step}')
+  evals = {r['step']: r for r in read_metrics(workdir) if 'eval_top1' in r}
+  assert evals[24]['eval_examples'] == 360
+  # The two-process checkpoint restores in one process, checksums included.
+  state, data_state = restore_step(workdir / 'checkpoints', TOTAL_STEPS)
+  assert data_state['next_batch'] == TOTAL_STEPS
+  np.testing.assert_allclose(
+      state.params['fc']['kernel'],
+      scenarios.reference_state(TOTAL_STEPS).params['fc']['kernel'],
+      atol=2e-2)
