@@ -1,4 +1,4 @@
-"""A tiny, fast training run for the fault-injection tests (tests/test_faults.py).
+"""A tiny, fast run for tests/test_faults.py and tests/test_bad_inputs.py.
 
 resnet20 with one block a stage on the real offline 8x8 digits, checkpointing
 every other step, so `python train.py --config tests/fault_config.py` runs in

@@ -21,6 +21,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+# orbax internals: where a full disk is simulated.
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+from orbax.checkpoint._src.serialization import serialization
 import pytest
 
 from flax_resnet import convert
@@ -225,7 +228,6 @@ def test_a_metrics_line_cut_short_is_dropped_with_a_warning(tmp_path, caplog):
 
 def fail_json_writes(monkeypatch, after: int):
   """Run-metadata writes fail with ENOSPC after `after` succeeded."""
-  from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
   handler = json_checkpoint_handler.JsonCheckpointHandler
   original = handler._save_fn  # pylint: disable=protected-access
   calls = []
@@ -242,7 +244,6 @@ def fail_json_writes(monkeypatch, after: int):
 
 def fail_array_writes(monkeypatch, after: int):
   """Array writes fail as tensorstore reports a full disk (seen on tmpfs)."""
-  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
   original = serialization.async_serialize_from_host
   calls = []
 

@@ -185,7 +185,8 @@ def flip_a_byte(step_dir):
 def run_reference(root) -> pathlib.Path:
   """The uninterrupted run, checkpointing every step and keeping them all."""
   run = Run(root / 'reference', root / 'reference.log',
-            '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=100')
+            '--config.checkpoint_every_steps=1',
+            '--config.keep_checkpoints=100')
   assert run.wait() == 0, run.output()[-3000:]
   assert step_dirs(root / 'reference') == set(range(1, TOTAL_STEPS + 1))
   return root / 'reference'
@@ -197,10 +198,15 @@ def wait_for_moment(kind: str, rng: random.Random, run: Run, workdir) -> str:
     delay = rng.uniform(2.0, 10.0)
     time.sleep(delay)
     return f'startup +{delay:.1f}s'
-  if kind == 'saving':  # a new orbax tmp folder: a save is under way
+  if kind == 'saving':  # arrays are being written into a new tmp folder
     # (one left by an earlier kill is replaced when its step is saved again)
     stale = save_folders(workdir)
-    wait_until(lambda: save_folders(workdir) - stale, run, 'a save to start')
+
+    def writing_arrays():
+      return any(p.is_file() for name, _ in save_folders(workdir) - stale
+                 for p in (workdir / 'checkpoints' / name).glob('state*/**/*'))
+
+    wait_until(writing_arrays, run, 'a save to write arrays')
     return 'mid-save'
   if kind == 'pruning':  # a step was just finalized, the oldest is deleted
     keep = fault_config().keep_checkpoints
@@ -373,9 +379,11 @@ def check_every_checkpoint(folder, scenarios, context: str):
   """Each step on disk restores to the reference state or is skipped cleanly.
 
   Also: restore_latest picks the newest step, or None (start from step 0) when
-  the run was stopped before its first checkpoint was finished.
+  the run was stopped before its first checkpoint was finished. Returns the
+  steps skipped as damaged.
   """
   steps = checkpointer(folder).all_steps() if folder.exists() else []
+  damaged = []
   for step in steps:
     try:
       state, data_state = restore_step(folder, step)
@@ -383,6 +391,7 @@ def check_every_checkpoint(folder, scenarios, context: str):
       # Only a kill while orbax prunes an old step can leave one half gone;
       # a kill never damages the newest step.
       assert step != steps[-1], f'{context}: newest step {step} is damaged'
+      damaged.append(step)
       continue
     assert data_state['next_batch'] == step, (context, step, data_state)
     assert_states_equal(state, scenarios.reference_state(step),
@@ -393,6 +402,7 @@ def check_every_checkpoint(folder, scenarios, context: str):
     latest = ckpt.restore_latest(abstract, meta)
     ckpt.close()
     assert (latest[2] if latest else None) == (steps[-1] if steps else None)
+  return damaged
 
 
 def assert_final_equals_reference(workdir, scenarios, context: str):
@@ -462,7 +472,8 @@ def test_nonfinite_parameters_with_a_finite_loss_are_never_saved(scenarios,
   copy_reference(scenarios.reference_dir(), (10, 12), tmp_path)
   before = file_digests(tmp_path / 'checkpoints')
   config = fault_config()
-  config.learning_rate, config.schedule, config.warmup_steps = 1e10, 'constant', 0
+  config.learning_rate = 1e10
+  config.schedule, config.warmup_steps = 'constant', 0
   with pytest.raises(loop.NonFiniteLossError) as e:
     loop.train_and_evaluate(config, str(tmp_path))
   message = str(e.value)
@@ -488,7 +499,8 @@ def check_kill(stop, scenarios):
   assert stop['rc'] == -signal.SIGKILL, stop['output'][-3000:]
   # What the kill left restores to the reference state, step by step; the
   # tmp folder of a save cut short is not a step and is ignored.
-  check_every_checkpoint(stop['snapshot'], scenarios, stop['when'])
+  stop['skipped'] = check_every_checkpoint(stop['snapshot'], scenarios,
+                                           stop['when'])
   if stop['when'] == 'mid-save':
     assert stop['mid_save'], f'the save finished before the kill: {stop}'
 
@@ -498,7 +510,8 @@ def test_sigkill_at_random_moments_resumes_bit_identically(scenarios):
   for stop in outcome['stops']:
     check_kill(stop, scenarios)
   check_chain_end(outcome, scenarios, 'after kills')
-  print('kills:', [(s['when'], s['logged_step']) for s in outcome['stops']])
+  print('kills (moment, last logged step, damaged steps skipped):',
+        [(s['when'], s['logged_step'], s['skipped']) for s in outcome['stops']])
 
 
 def test_sigterm_and_sigint_checkpoint_exit_0_and_resume_exactly(scenarios):

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import zlib
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -122,7 +123,6 @@ def _write_failure_reason(error: BaseException) -> Optional[str]:
 
 def _sync(name: str):
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -178,11 +178,14 @@ class Checkpointer:
            metrics: Optional[dict[str, float]] = None) -> bool:
     """Starts writing `step` (asynchronously); raises CheckpointError on I/O.
 
-    An error of an earlier asynchronous save surfaces here, or at wait/close.
+    A failure of the previous asynchronous save surfaces here (orbax waits for
+    it anyway), or at wait/close.
     """
+    self.wait()
     encoded = _encode_data_state(data_state)
     meta = {**meta, 'checksums': {'state': state_checksum(state),
                                   'data': json_checksum(encoded)}}
+    self._pending_step = step
     try:
       saved = self.manager.save(
           step,
@@ -192,11 +195,8 @@ class Checkpointer:
               meta=ocp.args.JsonSave(meta)),
           metrics=metrics, force=True)
     except Exception as e:  # pylint: disable=broad-except
-      # An earlier asynchronous save's error surfaces here too.
-      self._raise_if_write_failure(
-          step if self._pending_step is None else self._pending_step, e)
+      self._raise_if_write_failure(step, e)
       raise
-    self._pending_step = step
     return bool(saved)
 
   def wait(self):
@@ -207,10 +207,17 @@ class Checkpointer:
       raise
 
   def close(self):
+    """Waits for the last save; its failure is raised once, as from wait."""
     try:
       self.wait()
-    finally:
-      self.manager.close()
+    except Exception:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        # The same failure again (orbax's close waits too): raised above.
+        log.debug('closing %s', self.directory, exc_info=True)
+      raise
+    self.manager.close()
 
   def _read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(

@@ -7,6 +7,17 @@ ResNetSpec fields, checked against the spec before anything compiles.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+# ResNetSpec fields a run may override (num_classes and dtype come from
+# config.num_classes and config.precision; reference from config.reference).
+_SPEC_OVERRIDES = {
+    'block': str, 'depths': tuple, 'widths': tuple, 'strides': tuple,
+    'groups': int, 'width_per_group': int, 'stem': str, 'stem_width': int,
+    'shortcut': str, 'stride_in': str, 'preact': bool, 'zero_pad': str,
+    'zero_init_last_bn': bool, 'bn_momentum': float, 'bn_eps': float,
+    'padding': str, 'param_dtype': str,
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -14,7 +25,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Model: a preset of flax_resnet.list_models() plus ResNetSpec overrides.
   c.model = 'resnet50'
-  c.model_overrides = ml_collections.ConfigDict()
+  # Every ResNetSpec field can be overridden, on the command line too
+  # (--config.model_overrides.shortcut=B); None keeps the preset's value.
+  c.model_overrides = ml_collections.ConfigDict(
+      {name: placeholder(kind) for name, kind in _SPEC_OVERRIDES.items()})
   # Layout reference checked before training: 'default' (the preset's own),
   # a name in flax_resnet.references.NAMES, or None to skip the check.
   c.reference = 'default'

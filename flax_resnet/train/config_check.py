@@ -52,7 +52,8 @@ def _positive(config, field, kind=int, allow_zero=False):
 
 def model_spec(config: ml_collections.ConfigDict) -> ResNetSpec:
   """The ResNetSpec this config trains (preset + overrides + precision)."""
-  overrides = dict(config.model_overrides)
+  overrides = {k: v for k, v in config.model_overrides.items()
+               if v is not None}
   for field in ('num_classes', 'dtype'):
     if field in overrides:
       _fail(f'model_overrides.{field}',
