@@ -10,6 +10,8 @@ import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
+from jax import lax
 import jax.numpy as jnp
 
 ModuleDef = Any
@@ -28,6 +30,151 @@ def torch_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+
+
+def _stock_conv_grads(x, kernel, grad, *, strides, precision):
+  conv = lambda x, kernel: lax.conv_general_dilated(
+      x, kernel, strides, 'VALID', dimension_numbers=_NHWC,
+      precision=precision)
+  return jax.vjp(conv, x, kernel)[1](grad)
+
+
+def _pointwise_grads_as_dots(x, kernel, grad, *, strides, precision):
+  """Gradients of a 1x1 conv as two matmuls, laid out for XLA:CPU.
+
+  XLA's own gradient takes x transposed: x is most often the residual stream,
+  a chain of BatchNorm/ReLU/add that XLA:CPU re-evaluates inside every fusion
+  that transposes it (a quarter of a ResNet-50 train step). Computing
+  kernel_grad^T = g^T x transposes the gradient instead, and x is read where
+  it is stored.
+  """
+  in_ch, out_ch = kernel.shape[2:]
+  x_sub = x[:, ::strides[0], ::strides[1], :]
+  grad = grad.reshape(-1, out_ch)
+  kernel_grad = lax.dot_general(
+      grad, x_sub.reshape(-1, in_ch), (((0,), (0,)), ((), ())),
+      precision=precision).T.reshape(kernel.shape)
+  x_grad = lax.dot_general(
+      grad, kernel.reshape(in_ch, out_ch), (((1,), (1,)), ((), ())),
+      precision=precision).reshape(x_sub.shape)
+  if strides != (1, 1):
+    # Back onto the strided input grid; XLA's own rule convolves over the
+    # zero-dilated gradient instead, doing strides**2 times the work.
+    pads = [(0, 0, 0)]
+    for axis, stride in ((1, strides[0]), (2, strides[1])):
+      used = (x_sub.shape[axis] - 1) * stride + 1
+      pads.append((0, x.shape[axis] - used, stride - 1))
+    pads.append((0, 0, 0))
+    x_grad = lax.pad(x_grad, jnp.zeros((), x_grad.dtype), pads)
+  return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pointwise_conv(x, kernel, strides, precision):
+  return lax.conv_general_dilated(x, kernel, strides, 'VALID',
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+def _pointwise_conv_fwd(x, kernel, strides, precision):
+  return _pointwise_conv(x, kernel, strides, precision), (x, kernel)
+
+
+def _pointwise_conv_bwd(strides, precision, residuals, grad):
+  x, kernel = residuals
+  kw = dict(strides=strides, precision=precision)
+  # Only XLA:CPU gets the rewritten gradient; elsewhere it is jax's own.
+  return lax.platform_dependent(
+      x, kernel, grad,
+      cpu=functools.partial(_pointwise_grads_as_dots, **kw),
+      default=functools.partial(_stock_conv_grads, **kw))
+
+
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
+
+
+def _identity_xla_cannot_see_through(x):
+  # A stable sort on keys that are already in order: exactly x, but XLA's
+  # simplifier cannot prove it, so the conditional below survives.
+  keys = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return lax.sort((keys, x), dimension=0, num_keys=1)[1]
+
+
+def _materialize(x):
+  # A conditional is never fused, so its result is written to memory once and
+  # every consumer reads it there. The predicate only has to be unknown at
+  # compile time; both branches return x exactly.
+  first = x.reshape(-1)[0]
+  return lax.cond(jnp.isfinite(first), lambda x: x,
+                  _identity_xla_cannot_see_through, x)
+
+
+@jax.custom_vjp
+def _cpu_fusion_barrier(x):
+  return _materialize(x)
+
+
+def _cpu_fusion_barrier_fwd(x):
+  return _materialize(x), None
+
+
+def _cpu_fusion_barrier_bwd(_, grad):
+  # Materialising the cotangents too was measured slower (extra copies).
+  return (grad,)
+
+
+_cpu_fusion_barrier.defvjp(_cpu_fusion_barrier_fwd,
+                           _cpu_fusion_barrier_bwd)
+
+
+def fusion_barrier(x):
+  """Returns x, computed once into memory on XLA:CPU; a no-op elsewhere.
+
+  XLA:CPU duplicates elementwise producers into every consumer fusion. A
+  ResNet's residual stream is a chain of BatchNorm/add/ReLU across a whole
+  stage, so each weight-gradient transpose, ReLU mask and residual add of a
+  block recomputed the BatchNorms of all the blocks before it (half of a
+  resnet20 train step; see BENCHMARKS.md). `lax.optimization_barrier` does
+  not help: XLA:CPU expands it away before fusion. The model calls this on
+  every activation that feeds a convolution and on every block output.
+
+  Skipped when more than one device takes part: the predicate reads one
+  element, which on a sharded batch would cost a collective per call.
+  """
+  if jax.device_count() > 1:
+    return x
+  return lax.platform_dependent(x, cpu=_cpu_fusion_barrier,
+                                default=lambda x: x)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated`, with a faster XLA:CPU gradient for 1x1 convs.
+
+  The forward pass is always the same `lax.conv_general_dilated` call. A plain
+  NHWC 1x1 conv (no padding, dilation or groups) differentiates through
+  `_pointwise_grads_as_dots` on CPU; every other conv is untouched.
+  """
+  no_dilation = all(
+      d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  pointwise = (
+      lhs.ndim == 4 and rhs.shape[:2] == (1, 1) and feature_group_count == 1
+      and no_dilation and not kwargs and
+      lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                 dimension_numbers) == _NHWC and
+      (padding == 'VALID' or
+       (not isinstance(padding, str) and
+        all(tuple(p) == (0, 0) for p in padding))))
+  if pointwise:
+    return _pointwise_conv(lhs, rhs, tuple(window_strides), precision)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
 def make_conv(padding_mode: str, dtype, param_dtype) -> Callable[..., nn.Conv]:
   """Returns conv(features, kernel, stride, name, groups) -> nn.Conv."""
 
@@ -37,7 +184,8 @@ def make_conv(padding_mode: str, dtype, param_dtype) -> Callable[..., nn.Conv]:
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding,
         feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=conv_kernel_init, name=name)
+        param_dtype=param_dtype, kernel_init=conv_kernel_init, name=name,
+        conv_general_dilated=conv_general_dilated)
 
   return conv
 
@@ -49,6 +197,64 @@ def make_norm(train: bool, momentum: float, eps: float, dtype,
       epsilon=eps, dtype=dtype, param_dtype=param_dtype)
 
 
+def _stock_max_pool_grad(x, grad, *, window, stride, pads):
+  pool = lambda x: nn.max_pool(x, (window,) * 2, (stride,) * 2, pads)
+  return jax.vjp(pool, x)[1](grad)[0]
+
+
+def _max_pool_grad_by_mask(x, pooled, grad, *, window, stride, pads):
+  """Routes each output's gradient to the first maximum of its window.
+
+  The same rule as XLA's select-and-scatter (the first element, in row-major
+  window order, that equals the maximum), but as masks and strided pads:
+  XLA:CPU expands select-and-scatter into index tensors and a scatter, several
+  times slower.
+  """
+  (top, bottom), (left, right) = pads
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
+                   constant_values=-jnp.inf)
+  out_h, out_w = pooled.shape[1:3]
+  taken = jnp.zeros(pooled.shape, jnp.bool_)
+  total = None
+  for i in range(window):
+    for j in range(window):
+      end = (i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1)
+      candidate = lax.slice(padded, (0, i, j, 0),
+                            (x.shape[0], *end, x.shape[3]),
+                            (1, stride, stride, 1))
+      hit = (candidate == pooled) & ~taken
+      taken = taken | hit
+      part = lax.pad(
+          jnp.where(hit, grad, jnp.zeros((), grad.dtype)),
+          jnp.zeros((), grad.dtype),
+          [(0, 0, 0), (i, padded.shape[1] - end[0], stride - 1),
+           (j, padded.shape[2] - end[1], stride - 1), (0, 0, 0)])
+      total = part if total is None else total + part
+  return total[:, top:top + x.shape[1], left:left + x.shape[2], :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, pads):
+  return nn.max_pool(x, (window,) * 2, (stride,) * 2, pads)
+
+
+def _max_pool_fwd(x, window, stride, pads):
+  pooled = _max_pool(x, window, stride, pads)
+  return pooled, (x, pooled)
+
+
+def _max_pool_bwd(window, stride, pads, residuals, grad):
+  x, pooled = residuals
+  kw = dict(window=window, stride=stride, pads=pads)
+  return (lax.platform_dependent(
+      x, pooled, grad,
+      cpu=functools.partial(_max_pool_grad_by_mask, **kw),
+      default=lambda x, pooled, grad: _stock_max_pool_grad(x, grad, **kw)),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class MaxPool(nn.Module):
   """3x3/2 max-pool; torch pads (1, 1) with -inf, XLA SAME pads (0, 1)."""
   window: int = 3
@@ -57,9 +263,13 @@ class MaxPool(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    padding = ('SAME' if self.padding_mode == 'same' else
-               torch_padding(self.window))
-    return nn.max_pool(x, (self.window,) * 2, (self.stride,) * 2, padding)
+    if self.padding_mode == 'same':
+      pads = lax.padtype_to_pads(x.shape[1:3], (self.window,) * 2,
+                                 (self.stride,) * 2, 'SAME')
+    else:
+      pads = torch_padding(self.window)
+    return _max_pool(x, self.window, self.stride,
+                     tuple(tuple(p) for p in pads))
 
 
 class AvgPool(nn.Module):

@@ -51,7 +51,7 @@ class ResidualBlock(nn.Module):
           None if self.preact else self.norm, self.zero_pad, name='shortcut')
 
     if self.preact:
-      out = nn.relu(self.norm(name='bn1')(x))
+      out = layers.fusion_barrier(nn.relu(self.norm(name='bn1')(x)))
       # He et al. 2016 / Gluon V2: projections see the pre-activated input,
       # identity and option A see the raw input.
       if shortcut is None:
@@ -62,6 +62,7 @@ class ResidualBlock(nn.Module):
       for i, (features, kernel, stride, groups) in enumerate(convs):
         if i:
           y = nn.relu(self.norm(name=f'bn{i + 1}')(y))
+          y = layers.fusion_barrier(y)
         y = self.conv(features, kernel, stride, groups=groups,
                       name=f'conv{i + 1}')(y)
       return y + residual
@@ -77,7 +78,7 @@ class ResidualBlock(nn.Module):
                     nn.initializers.ones)
       y = self.norm(scale_init=scale_init, name=f'bn{i + 1}')(y)
       if i != last:
-        y = nn.relu(y)
+        y = layers.fusion_barrier(nn.relu(y))
     return nn.relu(y + residual)
 
 
@@ -96,6 +97,7 @@ class Stem(nn.Module):
       for i, (features, stride) in enumerate([(half, 2), (half, 1)]):
         x = self.conv(features, 3, stride, name=f'conv1_{i + 1}')(x)
         x = nn.relu(self.norm(name=f'bn1_{i + 1}')(x))
+        x = layers.fusion_barrier(x)
       x = self.conv(self.width, 3, 1, name='conv1_3')(x)
     elif self.kind == 'imagenet':
       x = self.conv(self.width, 7, 2, name='conv1')(x)
@@ -148,6 +150,7 @@ class ResNet(nn.Module):
 
     x = Stem(spec.stem, spec.stem_width, spec.preact, spec.padding, conv, norm,
              name='stem')(x)
+    x = layers.fusion_barrier(x)
     # Not 'stem': a sown name may not repeat a submodule's name in one scope.
     self.sow('intermediates', 'stem_out', x)
     in_channels = spec.stem_width
@@ -170,6 +173,7 @@ class ResNet(nn.Module):
             conv=conv,
             norm=norm,
             name=f'stage{stage + 1}_block{index}')(x)
+        x = layers.fusion_barrier(x)
         in_channels = out_channels
       self.sow('intermediates', f'stage{stage + 1}', x)
     if spec.preact:

@@ -289,10 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         label_smoothing=config.label_smoothing,
                         learning_rate_fn=schedule),
       in_shardings=(replicated, batch_sharding),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+      out_shardings=(replicated, replicated), donate_argnums=0,
+      compiler_options=steps_lib.compiler_options())
   eval_step = jax.jit(
       functools.partial(steps_lib.eval_step, num_classes=config.num_classes),
-      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+      in_shardings=(replicated, batch_sharding), out_shardings=replicated,
+      compiler_options=steps_lib.compiler_options())
   all_finite = jax.jit(lambda s: jnp.all(jnp.asarray([
       jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((s.params,
                                                           s.batch_stats))])))
