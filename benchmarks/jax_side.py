@@ -28,8 +28,9 @@ class Variant:
   """How our step is built, so each speed-up can be switched off.
 
   compiler_options: XLA options passed to jax.jit.
-  cpu_gradients: flax_resnet.layers' XLA:CPU 1x1-conv and max-pool gradients;
-    False swaps in plain lax.conv_general_dilated / nn.max_pool.
+  cpu_gradients: flax_resnet.layers' XLA:CPU gradients (1x1 convs as dots,
+    strided convs by phases, max-pool by masks); False swaps in plain
+    lax.conv_general_dilated / nn.max_pool.
   fusion_barriers: layers.fusion_barrier as it is; False makes it identity.
   """
   compiler_options: tuple[tuple[str, str], ...]
@@ -43,7 +44,7 @@ VARIANTS = {
     'stock': Variant((), False, False),
     # + steps.compiler_options(): no YNNPACK convolutions.
     'flags': Variant(_TUNED_OPTIONS, False, False),
-    # + the 1x1-conv and max-pool gradients of layers.py.
+    # + the XLA:CPU gradients of layers.py (1x1, strided conv, max-pool).
     'grads': Variant(_TUNED_OPTIONS, True, False),
     # + fusion barriers: the model as it ships.
     'tuned': Variant(_TUNED_OPTIONS, True, True),

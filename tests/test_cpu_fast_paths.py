@@ -53,11 +53,30 @@ def test_pointwise_conv_matches_xla(shape, stride):
   assert np.all(np.asarray(x_grad)[:, unused] == 0)
 
 
-def test_other_convs_are_plain_lax():
+@pytest.mark.parametrize('shape,kernel,stride,padding', [
+    ((2, 8, 8, 4), 3, (2, 2), ((1, 1), (1, 1))),  # torch padding
+    ((2, 8, 8, 4), 3, (2, 2), 'SAME'),  # TF pads (0, 1)
+    ((2, 9, 7, 3), 3, (2, 2), ((1, 1), (1, 1))),  # odd sizes
+    ((1, 15, 15, 3), 7, (2, 2), ((3, 3), (3, 3))),  # the ImageNet stem
+    ((2, 10, 9, 3), 2, (2, 3), ((0, 1), (1, 0))),  # kernel < stride on w
+    ((2, 12, 12, 2), 3, (3, 3), ((1, 1), (1, 1))),
+])
+def test_strided_conv_matches_xla(shape, kernel, stride, padding):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 5)),
+                        jnp.float32)
+  stock, ours = conv_pair(stride, kernel, padding)
+  np.testing.assert_array_equal(ours(x, weights), stock(x, weights))
+  chex.assert_trees_all_close(grads(ours, x, weights),
+                              grads(stock, x, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_unstrided_kxk_convs_are_plain_lax():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
-  stock, ours = conv_pair((2, 2), 3, ((1, 1), (1, 1)))
+  stock, ours = conv_pair((1, 1), 3, ((1, 1), (1, 1)))
   np.testing.assert_array_equal(ours(x, kernel), stock(x, kernel))
   for got, want in zip(grads(ours, x, kernel), grads(stock, x, kernel)):
     np.testing.assert_array_equal(got, want)

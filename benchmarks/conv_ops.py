@@ -1,0 +1,104 @@
+"""One 3x3 convolution layer, forward + both gradients: XLA:CPU against PyTorch.
+
+  python benchmarks/conv_ops.py
+
+For the 3x3 conv shapes of resnet20 (batch 128) and resnet50 (batch 16), times
+the forward pass and the input and weight gradients as XLA:CPU compiles them
+(with steps.compiler_options(), as the train step does) and a PyTorch
+channels_last Conv2d forward+backward, alternating, median of --repeats. The
+ratio says how much of the train-step gap is the convolution kernels
+themselves, which no change to the model can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from flax_resnet.train import steps
+
+# (batch, size, in_channels, out_channels, stride)
+SHAPES = {
+    'resnet20': [(128, 32, 16, 16, 1), (128, 32, 16, 32, 2),
+                 (128, 16, 32, 32, 1), (128, 8, 64, 64, 1)],
+    'resnet50': [(16, 56, 64, 64, 1), (16, 28, 128, 128, 1),
+                 (16, 14, 256, 256, 1), (16, 7, 512, 512, 1)],
+}
+
+
+def _conv(x, kernel, stride):
+  return lax.conv_general_dilated(x, kernel, (stride, stride),
+                                  ((1, 1), (1, 1)),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def jax_step(batch, size, cin, cout, stride):
+  """Forward, input gradient and weight gradient, as in a train step."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
+
+  def fwd_bwd(x, kernel):
+    y, vjp = jax.vjp(functools.partial(_conv, stride=stride), x, kernel)
+    return y, vjp(jnp.ones_like(y))
+
+  fn = jax.jit(fwd_bwd, compiler_options=steps.compiler_options())
+  jax.block_until_ready(fn(x, kernel))
+  return lambda: jax.block_until_ready(fn(x, kernel))
+
+
+def torch_step(batch, size, cin, cout, stride):
+  x = torch.randn(batch, cin, size, size).contiguous(
+      memory_format=torch.channels_last).requires_grad_()
+  conv = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False).to(
+      memory_format=torch.channels_last)
+
+  def step():
+    y = conv(x)
+    torch.autograd.grad(y, (x, conv.weight), torch.ones_like(y))
+
+  step()
+  return step
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--nets', default='resnet20,resnet50')
+  parser.add_argument('--repeats', type=int, default=7)
+  args = parser.parse_args(argv)
+  rows = []
+  for net in args.nets.split(','):
+    for shape in SHAPES[net]:
+      contestants = {'jax': jax_step(*shape), 'torch': torch_step(*shape)}
+      times = {name: [] for name in contestants}
+      for _ in range(args.repeats):
+        for name, fn in contestants.items():
+          start = time.perf_counter()
+          fn()
+          times[name].append(1e3 * (time.perf_counter() - start))
+      jax_ms = statistics.median(times['jax'])
+      torch_ms = statistics.median(times['torch'])
+      rows.append({'net': net, 'shape': shape, 'jax_ms': round(jax_ms, 2),
+                   'torch_ms': round(torch_ms, 2),
+                   'jax_over_torch_time': round(jax_ms / torch_ms, 2)})
+      print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == '__main__':
+  main()
