@@ -225,7 +225,7 @@ def versions() -> dict:
           'jax_devices': [str(d) for d in jax.devices()]}
 
 
-def bench_net(args: argparse.Namespace, name: str, cache_dir: str) -> dict:
+def bench_net(args: argparse.Namespace, name: str) -> dict:
   """Compile probes, memory probes, then the alternating timing."""
   case = CASES[name]
   variants = args.variants
@@ -265,18 +265,14 @@ def bench_net(args: argparse.Namespace, name: str, cache_dir: str) -> dict:
   for c in (*jax_contestants.values(), torch_contestant):
     c.train(1)
     c.eval(1)
-  train = {f'jax_{v}': c.train for v, c in jax_contestants.items()}
-  train['torch'] = torch_contestant.train
-  log(f'train: {args.rounds} rounds x {case.steps_per_round} steps')
-  out['train'] = alternate(train, case.steps_per_round, args.rounds,
-                           case.batch_size)
-  add_ratios(out['train'], 'torch')
-  evals = {f'jax_{v}': c.eval for v, c in jax_contestants.items()}
-  evals['torch'] = torch_contestant.eval
-  log(f'eval: {args.rounds} rounds x {case.eval_steps_per_round} steps')
-  out['eval'] = alternate(evals, case.eval_steps_per_round, args.rounds,
-                          case.batch_size)
-  add_ratios(out['eval'], 'torch')
+  for phase, steps in (('train', case.steps_per_round),
+                       ('eval', case.eval_steps_per_round)):
+    contestants = {f'jax_{v}': getattr(c, phase)
+                   for v, c in jax_contestants.items()}
+    contestants['torch'] = getattr(torch_contestant, phase)
+    log(f'{phase}: {args.rounds} rounds x {steps} steps')
+    out[phase] = alternate(contestants, steps, args.rounds, case.batch_size)
+    add_ratios(out[phase], 'torch')
   del jax_contestants, torch_contestant
   out['wall_s'] = round(time.time() - started, 1)
   return out
@@ -427,7 +423,7 @@ def main(argv=None) -> None:
     jax_side.enable_cache(args.cache_dir or tmp_cache)
     results['versions'] = versions()
     for name in args.nets:
-      results['nets'][name] = bench_net(args, name, args.cache_dir or tmp_cache)
+      results['nets'][name] = bench_net(args, name)
   if not args.skip_pipeline:
     pipeline_started = time.time()
     results['input_pipeline'] = pipeline(args, args.nets, results['nets'])

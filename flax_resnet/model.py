@@ -51,7 +51,8 @@ class ResidualBlock(nn.Module):
           None if self.preact else self.norm, self.zero_pad, name='shortcut')
 
     if self.preact:
-      out = layers.fusion_barrier(nn.relu(self.norm(name='bn1')(x)))
+      out = nn.relu(self.norm(name='bn1')(x))
+      out = layers.fusion_barrier(out)
       # He et al. 2016 / Gluon V2: projections see the pre-activated input,
       # identity and option A see the raw input.
       if shortcut is None:
@@ -78,7 +79,8 @@ class ResidualBlock(nn.Module):
                     nn.initializers.ones)
       y = self.norm(scale_init=scale_init, name=f'bn{i + 1}')(y)
       if i != last:
-        y = layers.fusion_barrier(nn.relu(y))
+        y = nn.relu(y)
+        y = layers.fusion_barrier(y)
     return nn.relu(y + residual)
 
 
