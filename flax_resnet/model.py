@@ -66,7 +66,7 @@ class ResidualBlock(nn.Module):
           y = layers.fusion_barrier(y)
         y = self.conv(features, kernel, stride, groups=groups,
                       name=f'conv{i + 1}')(y)
-      return y + residual
+      return y + _same_shape(self, y, residual)
 
     residual = x if shortcut is None else shortcut(x)
     y = x
@@ -81,7 +81,55 @@ class ResidualBlock(nn.Module):
       if i != last:
         y = nn.relu(y)
         y = layers.fusion_barrier(y)
-    return nn.relu(y + residual)
+    return nn.relu(y + _same_shape(self, y, residual))
+
+
+def _same_shape(block: ResidualBlock, main, residual):
+  """The residual, or a ValueError naming the block where the paths disagree."""
+  if main.shape != residual.shape:
+    raise ValueError(
+        f'{block.name}: the main path gives {main.shape[1]}x{main.shape[2]}x'
+        f'{main.shape[3]} but the shortcut ({block.shortcut_mode}, stride '
+        f'{block.stride}) gives {residual.shape[1]}x{residual.shape[2]}x'
+        f'{residual.shape[3]} at this input size. ResNet-D\'s 2x2 pool cannot '
+        'follow a stride above 2 at every size: use strides of 1 or 2, '
+        "shortcut='B', or an input size where both agree.")
+  return residual
+
+
+def check_images(spec: ResNetSpec, x, train: bool, variables) -> None:
+  """Input checks that would otherwise surface as wrong nets or tracebacks."""
+  if any(d == 0 for d in x.shape):
+    raise ValueError(
+        f'images have shape {tuple(x.shape)}: the batch, height and width '
+        'must each be at least 1.')
+  stem = variables.get('params', {}).get('stem', {})
+  first = stem.get('conv1_1' if spec.stem == 'deep' else 'conv1', {})
+  kernel = first.get('kernel') if hasattr(first, 'get') else None
+  if kernel is not None and kernel.shape[2] != x.shape[-1]:
+    raise ValueError(
+        f'images have {x.shape[-1]} channels (shape {tuple(x.shape)}, NHWC) '
+        f'but this net was built for {kernel.shape[2]}: its stem kernel is '
+        f'{tuple(kernel.shape)}. Give {kernel.shape[2]}-channel images (e.g. '
+        'drop an alpha channel with x[..., :3]) or transpose NCHW input with '
+        'x.transpose(0, 2, 3, 1).')
+  if x.shape[1] <= 4 and x.shape[3] > 4 and x.shape[2] > 4:
+    raise ValueError(
+        f'images of shape {tuple(x.shape)} look like NCHW (channels first): '
+        f'this would build a net with {x.shape[3]} input channels. The model '
+        'takes NHWC: transpose with x.transpose(0, 2, 3, 1).')
+  del train
+
+
+def check_batch_norm_input(x, train: bool) -> None:
+  """torch's rule: training BatchNorm needs more than one value per channel."""
+  if train and x.shape[0] * x.shape[1] * x.shape[2] < 2:
+    raise ValueError(
+        f'Expected more than 1 value per channel when training: the last '
+        f'feature map is {tuple(x.shape)} (batch {x.shape[0]}, '
+        f'{x.shape[1]}x{x.shape[2]}), so its BatchNorms would normalise every '
+        'value to 0 (constant logits, zero gradients). Use a batch of at '
+        'least 2, a larger input, or train=False.')
 
 
 class Stem(nn.Module):
@@ -146,6 +194,7 @@ class ResNet(nn.Module):
       raise ValueError(
           f'images have dtype {x.dtype}; the model expects normalised floats. '
           'Convert with images.astype(jnp.float32) / 255 and normalise.')
+    check_images(spec, x, train, self.variables)
     conv = layers.make_conv(spec.padding, spec.dtype, spec.param_dtype)
     norm = layers.make_norm(train, spec.bn_momentum, spec.bn_eps, spec.dtype,
                             spec.param_dtype)
@@ -178,6 +227,7 @@ class ResNet(nn.Module):
         x = layers.fusion_barrier(x)
         in_channels = out_channels
       self.sow('intermediates', f'stage{stage + 1}', x)
+    check_batch_norm_input(x, train)
     if spec.preact:
       x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 BLOCKS = ('basic', 'bottleneck')
 STEMS = ('imagenet', 'deep', 'cifar')
@@ -147,10 +149,14 @@ class ResNetSpec:
     choice('stride_in', self.stride_in, STRIDE_IN)
     choice('padding', self.padding, PADDINGS)
     choice('zero_pad', self.zero_pad, ZERO_PAD_PLACEMENTS)
+    for field in ('preact', 'zero_init_last_bn'):
+      value = getattr(self, field)
+      if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f'{field}={value!r} must be True or False.')
     for field in ('depths', 'widths'):
       value = getattr(self, field)
       if (not isinstance(value, (tuple, list)) or not value or
-          not all(isinstance(v, int) and v > 0 for v in value)):
+          not all(_is_int(v) and v > 0 for v in value)):
         raise ValueError(
             f'{field}={value!r} must be a non-empty sequence of positive '
             f'integers, one per stage.')
@@ -160,13 +166,13 @@ class ResNetSpec:
           f'{len(self.depths)}; give one width per stage.')
     strides = self.stage_strides
     if len(strides) != len(self.depths) or not all(
-        isinstance(s, int) and s >= 1 for s in strides):
+        _is_int(s) and s >= 1 for s in strides):
       raise ValueError(
           f'strides={self.strides!r} must hold one positive integer per stage '
           f'({len(self.depths)} stages).')
     for field in ('groups', 'width_per_group', 'stem_width', 'num_classes'):
       value = getattr(self, field)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      if not _is_int(value) or value < 1:
         raise ValueError(f'{field}={value!r} must be a positive integer.')
     if self.block == 'basic':
       if self.groups != 1 or self.width_per_group != 64:
@@ -191,7 +197,18 @@ class ResNetSpec:
       raise ValueError(
           f'stem_width={self.stem_width} must be even for the deep stem, '
           'whose first two convs have stem_width // 2 channels.')
-    if self.shortcut == 'A' and self.zero_pad == 'both':
+    if self.block == 'bottleneck':
+      for stage in range(len(self.depths)):
+        if self.bottleneck_width(stage) < 1:
+          raise ValueError(
+              f'widths[{stage}]={self.widths[stage]} with width_per_group='
+              f'{self.width_per_group} gives a bottleneck width of '
+              f'int({self.widths[stage]} * {self.width_per_group} / 64) = 0 '
+              f'channels in stage {stage + 1}; raise width_per_group to at '
+              f'least {-(-64 // self.widths[stage])} or the stage width.')
+    # Option A pads channels with zeros, whichever side they go: it cannot
+    # drop any.
+    if self.shortcut == 'A':
       for stage in range(len(self.depths)):
         prev = (self.stem_width if stage == 0 else
                 self.stage_out_channels(stage - 1))
@@ -201,6 +218,10 @@ class ResNetSpec:
               f"shortcut='A' cannot shrink channels ({prev} -> "
               f'{self.stage_out_channels(stage)} in stage {stage + 1}); '
               "use shortcut='B'.")
+    for field in ('bn_momentum', 'bn_eps'):
+      value = getattr(self, field)
+      if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f'{field}={value!r} must be a finite number.')
     if not 0.0 <= float(self.bn_momentum) < 1.0:
       raise ValueError(
           f'bn_momentum={self.bn_momentum} must be in [0, 1) (Flax '
@@ -217,6 +238,17 @@ class ResNetSpec:
         dtype=canonical_dtype(self.dtype, 'dtype'),
         param_dtype=canonical_dtype(self.param_dtype, 'param_dtype'),
     )
+
+
+def _is_int(value) -> bool:
+  """An integer that is not a bool (True would silently be a depth of 1)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(
+      value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and (
+      not isinstance(value, (bool, np.bool_)))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -34,6 +34,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flax_resnet.train import compat
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
@@ -45,6 +47,10 @@ class CheckpointError(ValueError):
 
 class DamagedCheckpointError(CheckpointError):
   """One step's files are unreadable or fail their checksum."""
+
+
+class ResumeIncompatibleError(CheckpointError):
+  """An intact step that this config cannot resume: never moved, never damaged."""
 
 
 def _encode_data_state(state) -> dict[str, Any]:
@@ -140,6 +146,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(preserve),
         enable_async_checkpointing=async_save,
+        # Step folders are made in the calling thread: when that fails the
+        # save raises at once. Made in the background, a failure left the
+        # background thread waiting out a barrier for a folder that never
+        # came (300 s and 294 lines after the error, issue 12).
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -223,23 +234,52 @@ class Checkpointer:
     return self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def _check_architecture(self, step: int, saved: dict, meta: dict):
-    """Raises CheckpointError if `step` holds a different network."""
-    if saved.get('model') != meta.get('model') or saved.get(
-        'spec') != meta.get('spec'):
-      raise CheckpointError(
-          f'checkpoint step {step} in {self.directory} is a different '
-          f'architecture: it holds model {saved.get("model")!r} with spec '
-          f'{saved.get("spec")}, this run builds {meta.get("model")!r} with '
-          f'spec {meta.get("spec")}. Use a fresh --workdir, or set '
-          'config.init_from to that checkpoint with init_from_skip_head=True '
-          'to fine-tune from it.')
+  def _check_compatible(self, step: int, saved: dict, meta: dict,
+                        abstract_state):
+    """Raises ResumeIncompatibleError if `step` cannot resume this run.
+
+    Decided by what is on disk (the saved network and the saved state's
+    structure), never by the checkpoint's readability: an intact step written
+    by another config is reported as such, named field by field, and is left
+    where it is.
+    """
+    spec_changes = compat.spec_changes(saved.get('spec'), meta.get('spec'))
+    if saved.get('model') != meta.get('model'):
+      spec_changes.insert(0, ('model', saved.get('model'), meta.get('model')))
+    config_changes = compat.config_changes(saved.get('config'),
+                                           meta.get('config'))
+    if spec_changes:
+      raise ResumeIncompatibleError(compat.incompatible_message(
+          step, self.directory, 'a different architecture', spec_changes,
+          config_changes))
+    try:
+      structure = self._saved_structure(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f'step {step}: state metadata unreadable ({_first_line(e)})') from e
+    differences = compat.structure_differences(structure, abstract_state)
+    if differences:
+      raise ResumeIncompatibleError(compat.incompatible_message(
+          step, self.directory, 'a differently shaped train state '
+          f'({"; ".join(differences[:3])})', config_changes or [
+              ('(no config field)', 'saved', 'now: the code changed')],
+          config_changes))
+    if config_changes:
+      log.warning('resuming checkpoint step %d with config changes (saved -> '
+                  'now): %s', step, compat.format_changes(config_changes))
+
+  def _saved_structure(self, step: int) -> dict[str, tuple]:
+    metadata = self.manager.item_metadata(step)['state']
+    tree = getattr(metadata, 'tree', metadata)
+    return {leaf.name: (tuple(leaf.shape), str(leaf.dtype))
+            for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'name')}
 
   def restore(self, step: int, abstract_state, meta: dict[str, Any]):
     """(state, data_state) of one step.
 
     Raises:
-      CheckpointError: the step holds a different architecture.
+      ResumeIncompatibleError: the step is intact but written by a config
+        this run cannot resume from (a different network or state structure).
       DamagedCheckpointError: its files are unreadable or fail the checksums.
     """
     try:
@@ -247,7 +287,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
           f'step {step}: metadata unreadable ({_first_line(e)})') from e
-    self._check_architecture(step, saved, meta)
+    self._check_compatible(step, saved, meta, abstract_state)
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(
@@ -337,3 +377,113 @@ def tree_all_finite(tree) -> bool:
 def load_meta(directory: str | os.PathLike, step: int) -> dict[str, Any]:
   path = pathlib.Path(directory) / str(step) / 'meta' / 'metadata'
   return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------ the workdir
+
+
+def check_checkpoint_directory(directory: str | os.PathLike) -> pathlib.Path:
+  """Makes sure saves into `directory` can work, before anything compiles.
+
+  Raises CheckpointError naming the problem: a file in its place, a symlink to
+  a folder that is gone (an unmounted disk), or a folder nobody can write.
+  """
+  path = pathlib.Path(directory)
+  if path.is_symlink() and not path.exists():
+    raise CheckpointError(
+        f'{path} is a symlink to {os.readlink(path)}, which does not exist '
+        '(a disk that is not mounted?). Mount it, or remove the symlink to '
+        'keep checkpoints in the workdir, or choose another --workdir.')
+  if path.exists() and not path.is_dir():
+    raise CheckpointError(
+        f'{path} is a file, not a folder, so no checkpoint can be saved '
+        'there. Move it away, or choose another --workdir.')
+  probe = path / f'.write_test.{jax.process_index()}.{os.getpid()}'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise CheckpointError(
+        f'{path} cannot hold checkpoints ({e.strerror}); make it a writable '
+        'folder, or choose another --workdir.') from e
+  return path
+
+
+class WorkdirBusyError(CheckpointError):
+  """Another live run holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """One run per workdir: an exclusive flock on WORKDIR/.lock.
+
+  The kernel drops a flock when its holder dies, however it dies (SIGKILL
+  included), so a lock is never left stuck: the file a dead run leaves behind
+  only records who held it last, and the next run takes it over. The record
+  (pid, host, start time) is what a refused second run names; a clean exit
+  empties it, so a record found on taking the lock is a dead run's. Only the lead
+  process of a multi-process run locks; its peers share its workdir.
+  """
+
+  FILE = '.lock'
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = pathlib.Path(workdir) / self.FILE
+    self._fd: Optional[int] = None
+    self.previous_holder: Optional[dict] = None
+
+  def holder(self) -> Optional[dict]:
+    try:
+      return json.loads(self.path.read_text() or 'null')
+    except (OSError, ValueError):
+      return None
+
+  def acquire(self) -> 'WorkdirLock':
+    import fcntl  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise CheckpointError(
+          f'cannot create the workdir lock {self.path} ({e.strerror}); '
+          'choose a writable --workdir.') from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      holder = self.holder()
+      if holder:
+        who = (f'pid {holder.get("pid")} on host {holder.get("host")}, '
+               f'started {holder.get("started")}')
+      else:
+        # It is between taking the lock and writing its record.
+        who = 'a process that is starting up (its record is not written yet)'
+      raise WorkdirBusyError(
+          f'workdir {self.path.parent} is in use by another run: {who}. Two '
+          'runs in one workdir would overwrite each other\'s checkpoints and '
+          'interleave metrics. Wait for it to finish (or stop it), or choose '
+          'another --workdir.') from e
+    self.previous_holder = self.holder()
+    record = {'pid': os.getpid(), 'host': socket.gethostname(),
+              'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    self._fd = fd
+    if self.previous_holder:
+      # A clean exit empties the record: this one's run died holding it.
+      log.warning('taking over the workdir lock %s: its holder (%s) ended '
+                  'without releasing it (killed?) and is no longer running.',
+                  self.path, self.previous_holder)
+    return self
+
+  def release(self):
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # a clean exit leaves no holder behind
+      os.close(self._fd)  # drops the flock
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()

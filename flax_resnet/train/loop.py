@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -130,7 +131,9 @@ def _truncate_metrics(path: pathlib.Path, last_step: int):
   if not path.exists():
     return
   kept = []
-  for line in path.read_text().splitlines():
+  # Bytes that are not UTF-8 (a damaged disk, a binary file put there) spoil
+  # only their line, which is dropped below like a line cut short.
+  for line in path.read_bytes().decode('utf-8', 'replace').splitlines():
     try:
       if json.loads(line)['step'] <= last_step:
         kept.append(line)
@@ -218,7 +221,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   stop_after: leave after this many steps of this invocation, checkpointing as
   on SIGTERM (status 'preempted'): for time-boxed jobs and resume tests.
+  One run per workdir: a second one is refused while this one holds its lock.
   """
+  with contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, stop_after, cleanup)
+
+
+def _check_workdir(workdir: str) -> pathlib.Path:
+  """The workdir, its checkpoints folder and metrics file can be used."""
+  if not str(workdir).strip():
+    raise config_check.ConfigError(
+        '--workdir is empty; give the folder for this run\'s checkpoints and '
+        'metrics, e.g. --workdir runs/my_run.')
+  workdir_path = pathlib.Path(workdir).expanduser().absolute()
+  metrics_path = workdir_path / 'metrics.jsonl'
+  if metrics_path.exists() and not metrics_path.is_file():
+    raise config_check.ConfigError(
+        f'{metrics_path} is not a file (a folder stands in its place); move '
+        'it away, or choose another --workdir.')
+  return workdir_path
+
+
+def _check_run_length(config, total_steps: int, steps_per_epoch: int):
+  if total_steps < 1:
+    raise config_check.ConfigError(
+        f'config.num_epochs={config.num_epochs} is {total_steps} steps of '
+        f'{steps_per_epoch} per epoch; train at least one step: raise '
+        f'num_epochs to >= {1 / steps_per_epoch:.3g} or set num_train_steps.')
+
+
+def _check_batch_norm_statistics(config, layout: layout_lib.Layout):
+  """torch refuses a train-mode BatchNorm over one value per channel; so do we."""
+  height, width = layout.blocks[-1].out_size if layout.blocks else (2, 2)
+  if config.batch_size * height * width < 2:
+    raise config_check.ConfigError(
+        f'config.batch_size={config.batch_size}: the last feature map is '
+        f'{height}x{width} at image_size={config.image_size}, so its '
+        'BatchNorms would see one value per channel in training (constant '
+        'logits, zero gradients). Use batch_size >= 2 or a larger image_size.')
+
+
+def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
   started = time.time()
   mesh = parallel.create_mesh()
   is_lead = jax.process_index() == 0
@@ -227,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config, device_count=jax.device_count(),
       process_count=jax.process_count())
   info = data_lib.dataset_info(config)  # also checks num_classes and splits
-  workdir_path = pathlib.Path(workdir).expanduser().absolute()
+  workdir_path = _check_workdir(workdir)
   try:
     workdir_path.mkdir(parents=True, exist_ok=True)
     # One name per process: processes sharing a workdir must not remove each
@@ -239,12 +282,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise config_check.ConfigError(
         f'--workdir {workdir_path} is not writable ({e.strerror}); choose a '
         'folder you can write to.') from e
-  check_layout(config, spec, is_lead)
+  checkpoint_lib.check_checkpoint_directory(workdir_path / 'checkpoints')
+  if is_lead:
+    cleanup.enter_context(checkpoint_lib.WorkdirLock(workdir_path))
+  _check_batch_norm_statistics(config, check_layout(config, spec, is_lead))
   enable_compilation_cache(config.compilation_cache_dir)
 
   steps_per_epoch = max(1, info.num_train // config.batch_size)
   total_steps = (config.num_train_steps if config.num_train_steps > 0 else
                  int(round(config.num_epochs * steps_per_epoch)))
+  _check_run_length(config, total_steps, steps_per_epoch)
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
                 steps_per_epoch)
   schedule = optim.create_schedule(config, steps_per_epoch, total_steps)
