@@ -19,10 +19,48 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', str(pathlib.Path(__file__).resolve().parent / 'configs' /
-                  'quickstart.py'),
-    'Path to a config file in configs/.', lock_config=True)
+
+
+def _fail(message: str):
+  """A user error: one `error:` line (the message may go on), no traceback."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _fail_on_flag_error(error: Exception, argv):
+  """Exits with one `error:` line for a mistake in the flags or overrides."""
+  if isinstance(error, (AttributeError, KeyError)):
+    # ml_collections: an override of a field the (locked) config lacks.
+    from flax_resnet.train import config_check  # pylint: disable=g-import-not-at-top
+    text = str(error)
+    arg = next((a for a in argv if a.startswith('--config.') and
+                a.split('=', 1)[0].split('.')[-1] in text), None)
+    if arg is None:
+      _fail(f'a --config override names no config field ({text[:200]}). '
+            '`python train.py --help` lists every field.')
+    name = arg.split('=', 1)[0][len('--config.'):]
+    _fail(f'{arg}: config has no field {name!r}. '
+          f'{config_check.suggest(name)}`python train.py --help` lists every '
+          'field with its default and meaning.')
+  text = str(error).strip()
+  if isinstance(error, OSError) and 'Failed loading config file' in text:
+    # ml_collections lists the paths it tried; the last line says why.
+    text = text.splitlines()[-1].strip()
+  _fail(f'{text}. `python train.py --help` lists every flag and config field.')
+
+
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+                OSError)
+
+try:
+  # Overrides on the command line are applied here, as the default is set.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', str(pathlib.Path(__file__).resolve().parent / 'configs' /
+                    'quickstart.py'),
+      'Path to a config file in configs/; `--help` lists its fields.',
+      lock_config=True)
+except _FLAG_ERRORS as e:
+  _fail_on_flag_error(e, sys.argv)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints and metrics go; a run resumes from it. '
     'Default: runs/<config file name>.')
@@ -38,6 +76,33 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'With --distributed: this process, 0..num_processes-1.')
 
 
+def _parse_flags(argv):
+  """absl's parser, with config-override mistakes as one `error:` line."""
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    _fail_on_flag_error(e, argv)
+
+
+def _check_process_flags():
+  """Multi-host flags mean nothing without --distributed: refuse, not ignore."""
+  given = [f'--{f.name}' for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+           if f.present]
+  if given and not _DISTRIBUTED.value:
+    _fail(f'{", ".join(given)} only apply with --distributed; add '
+          '--distributed to run multi-process, or drop them.')
+  if _NUM_PROCESSES.value is not None and _NUM_PROCESSES.value < 1:
+    _fail(f'--num_processes={_NUM_PROCESSES.value} must be at least 1.')
+  if _PROCESS_ID.value is not None and not (
+      0 <= _PROCESS_ID.value < (_NUM_PROCESSES.value or 2**31)):
+    _fail(f'--process_id={_PROCESS_ID.value} must be in [0, '
+          f'{_NUM_PROCESSES.value}) (0 .. --num_processes - 1).')
+  if _WORKDIR.present and not (_WORKDIR.value or '').strip():
+    _fail('--workdir is empty; give the folder for this run\'s checkpoints '
+          'and metrics, e.g. --workdir runs/my_run (or leave the flag out for '
+          'runs/<config name>).')
+
+
 class _QuietLibraries(std_logging.Filter):
   """Orbax logs every save step at INFO through absl; keep its warnings only."""
 
@@ -50,6 +115,7 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  _check_process_flags()
   logging.set_verbosity(logging.INFO)
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
@@ -62,9 +128,17 @@ def main(argv):
     # The persistent compilation cache must be on before the first compile,
     # and initialize() already compiles (its barrier).
     loop.enable_compilation_cache(_CONFIG.value.compilation_cache_dir)
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
+    except (ValueError, RuntimeError) as e:
+      # Typically no cluster environment jax can discover the processes from.
+      _fail(f'--distributed: jax.distributed.initialize() failed '
+            f'({str(e).strip().splitlines()[0][:300]}). Outside a cluster jax '
+            'can discover (SLURM, TPU pods, ...), also pass '
+            '--coordinator_address=HOST:PORT --num_processes=N '
+            '--process_id=I (see README).')
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   workdir = _WORKDIR.value or str(
       pathlib.Path('runs') / pathlib.Path(config_file.split(':')[0]).stem)
@@ -74,8 +148,17 @@ def main(argv):
           train.NonFiniteLossError) as e:
     print(f'\nerror: {e}', file=sys.stderr)
     sys.exit(1)
+  except OSError as e:
+    if e.filename is None:
+      raise  # not about a path the user gave: a bug, keep the traceback
+    print(f'\nerror: {e.filename}: {e.strerror}; check that the path exists '
+          'and is readable (config.data_dir, --workdir, config.init_from).',
+          file=sys.stderr)
+    sys.exit(1)
   sys.exit(0 if result.status in ('completed', 'preempted') else 1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from flax_resnet.train.config import schema_help  # pylint: disable=g-import-not-at-top
+  __doc__ = f'{__doc__}\n{schema_help()}\n'  # absl prints it for --help
+  app.run(main, flags_parser=_parse_flags)

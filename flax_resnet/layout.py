@@ -65,6 +65,7 @@ class BlockRow:
   shortcut_stride: int
   shortcut_norm: bool
   params: int
+  stride: int = 1  # of the strided conv itself (not the size ratio)
 
   def shortcut_text(self) -> str:
     if self.shortcut == 'identity':
@@ -84,6 +85,7 @@ class BlockRow:
     row = dataclasses.asdict(self)
     row['in_size'] = list(self.in_size)
     row['out_size'] = list(self.out_size)
+    del row['stride']  # reference tables hold stride_at/stride_conv instead
     return row
 
 
@@ -176,14 +178,15 @@ def _block_row(block: Call, children: list[Call], params: int) -> BlockRow:
     sc_stride = (pools[0].module.stride if pools else convs[0].module.strides[0])
   else:
     s = shortcut_call[0]
-    kind, sc_stride = 'zero-pad', s.in_shape[1] // s.out_shape[1]
+    kind, sc_stride = 'zero-pad', s.module.stride
   return BlockRow(
       stage=stage, index=index,
       in_channels=block.in_shape[-1], out_channels=block.out_shape[-1],
       in_size=tuple(in_size), out_size=tuple(out_size),
       stride_conv=stride_conv, stride_at=stride_at,
       shortcut=kind, shortcut_stride=int(sc_stride),
-      shortcut_norm=bool(norms), params=params)
+      shortcut_norm=bool(norms), params=params,
+      stride=int(strided[0].module.strides[0]) if strided else 1)
 
 
 def derive_layout(model: ResNet, input_shape: Sequence[int] = (1, 224, 224, 3),
@@ -347,7 +350,9 @@ def format_table(layout: Layout) -> str:
                f'{layout.input_shape[1]}->{layout.stem_out_size[0]}',
                layout.stem, '', f'{layout.stem_params:,}'))
   for b in layout.blocks:
-    stride = (f'{b.stride_conv} {b.stride_at} s{b.in_size[0] // b.out_size[0]}'
+    # The conv's own stride: at tiny inputs the size ratio is not it (1 -> 1
+    # at stride 2).
+    stride = (f'{b.stride_conv} {b.stride_at} s{b.stride}'
               if b.stride_conv else '-')
     rows.append((str(b.stage), str(b.index),
                  f'{b.in_channels}->{b.out_channels}',
@@ -363,6 +368,21 @@ def format_table(layout: Layout) -> str:
   return '\n'.join(lines)
 
 
+def _image_size(text: str) -> int:
+  """argparse type of --size: a positive integer, else a usage error."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'{text!r} is not an integer; give the input height/width in pixels, '
+        'e.g. --size 224') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(
+        f'{value} is not a size; give the input height/width in pixels, at '
+        'least 1, e.g. --size 224')
+  return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m flax_resnet.layout',
@@ -376,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "keras_v2, paper, or 'none'. Default: the preset's own.")
   parser.add_argument('--reference-model', default=None,
                       help='entry in the reference table (default: the model)')
-  parser.add_argument('--size', type=int, default=None,
+  parser.add_argument('--size', type=_image_size, default=None,
                       help='input height/width (default 224, CIFAR nets 32)')
   args = parser.parse_args(argv)
   try:
@@ -386,7 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   reference = args.reference
-  if reference == 'default':
+  if reference.lower() == 'none':
+    reference = None
+  elif reference == 'default':
     reference = create_model(args.model, **overrides).spec.reference
   print(f'{args.model}  input {_fmt(layout.input_shape[1:])}')
   print(format_table(layout))
