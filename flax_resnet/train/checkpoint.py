@@ -261,15 +261,16 @@ class Checkpointer:
     if differences:
       raise ResumeIncompatibleError(compat.incompatible_message(
           step, self.directory, 'a differently shaped train state '
-          f'({"; ".join(differences[:3])})', config_changes or [
-              ('(no config field)', 'saved', 'now: the code changed')],
-          config_changes))
+          f'({"; ".join(differences[:3])})', config_changes, config_changes))
     if config_changes:
       log.warning('resuming checkpoint step %d with config changes (saved -> '
                   'now): %s', step, compat.format_changes(config_changes))
 
   def _saved_structure(self, step: int) -> dict[str, tuple]:
-    metadata = self.manager.item_metadata(step)['state']
+    # Read from disk by the handler itself: the manager's item_metadata knows
+    # only items this process saved or restored.
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        self.directory / str(step) / 'state')
     tree = getattr(metadata, 'tree', metadata)
     return {leaf.name: (tuple(leaf.shape), str(leaf.dtype))
             for leaf in jax.tree.leaves(tree) if hasattr(leaf, 'name')}

@@ -80,7 +80,7 @@ def _flat_config(text: Optional[str]) -> dict[str, Any]:
 
 def config_changes(saved: Optional[str], now: Optional[str]) -> list[Change]:
   old, new = _flat_config(saved), _flat_config(now)
-  if not old:
+  if not old or not new:
     return []
   return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if _normal(old.get(k)) != _normal(new.get(k))]
@@ -153,11 +153,15 @@ def incompatible_message(step: int, directory: pathlib.Path, what: str,
                          changes: list[Change],
                          config_changes_: list[Change]) -> str:
   workdir = pathlib.Path(directory).parent
-  named = [c for c in changes if not c[0].startswith('(')]
+  named = list(changes)
   lines = [f'checkpoint step {step} in {directory} is intact, but it holds '
-           f'{what}; this config cannot resume it.',
-           'Changed since it was written (saved -> this run): ' +
-           format_changes(changes) + '.']
+           f'{what}; this config cannot resume it.']
+  if changes:
+    lines.append('Changed since it was written (saved -> this run): ' +
+                 format_changes(changes) + '.')
+  else:
+    lines.append('No config field differs from the saved one: it was written '
+                 'by another version of this code, or without its config.')
   named_fields = {field for field, _, _ in changes}
   other = [c for c in config_changes_ if c[0] not in named_fields]
   if other:
