@@ -24,14 +24,26 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 FAST = settings(max_examples=40, deadline=None)
 
 
+class AttrDict(dict):
+  """A config as a plain mapping with attribute access, for validate_config."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+
 def fault_config(**fields):
   sys.path.insert(0, str(REPO / 'tests'))
   try:
     import fault_config as module  # pylint: disable=g-import-not-at-top
   finally:
     sys.path.pop(0)
-  config = module.get_config()
-  config.unlock()  # hostile values of any type, as a Python caller could set
+  # Values of any type, exactly as given: ConfigDict would cast some
+  # (True -> 1.0 for a float field), hiding what the schema must catch.
+  config = AttrDict(module.get_config().to_dict())
+  config['model_overrides'] = AttrDict(config['model_overrides'])
   for key, value in fields.items():
     config[key] = value
   return config
@@ -174,8 +186,9 @@ def _inside(field):
         min_value=None if low is None else low + (brackets[0] == '('),
         max_value=None if high is None else high - (brackets[1] == ')'))
   return st.floats(min_value=low, max_value=high, allow_nan=False,
-                   allow_infinity=False, exclude_min=brackets[0] == '(',
-                   exclude_max=brackets[1] == ')')
+                   allow_infinity=False,
+                   exclude_min=low is not None and brackets[0] == '(',
+                   exclude_max=high is not None and brackets[1] == ')')
 
 
 # Fields whose in-range values other rules may still refuse.

@@ -89,6 +89,10 @@ def _check_field(config, field: config_lib.Field):
       value.lower() == 'none'):
     return
   if field.kind == config_lib.STR:
+    if field.choices and (not isinstance(value, str) or
+                          value not in field.choices):
+      _fail(field.name, f'{value!r} is not valid; choose one of '
+            f'{", ".join(repr(v) for v in field.choices)}.')
     if not isinstance(value, str):
       _fail(field.name, f'{value!r} must be a string ({field.meaning}).')
     if field.choices and value not in field.choices:
@@ -100,7 +104,7 @@ def _check_field(config, field: config_lib.Field):
       _fail(field.name, f'{value!r} must be True or False.')
     return
   if field.kind in (config_lib.INT, config_lib.FLOAT):
-    if value in field.special and _is_number(value):
+    if _is_number(value) and value in field.special:
       return
     problem = _number_problem(field, value, field.kind == config_lib.INT)
     if problem:
