@@ -309,3 +309,33 @@ def test_batch_norm_over_one_value_is_refused_before_compiling(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path))
   assert 'config.batch_size=1: the last feature map is 1x1' in str(e.value)
   assert 'one value per channel' in str(e.value)
+
+
+@pytest.mark.slow
+def test_train_py_exits_at_once_when_a_save_fails_mid_run(tmp_path,
+                                                         immutable):
+  """The checkpoints folder turns immutable while train.py runs.
+
+  Before the fix the error was printed, then the process waited out an orbax
+  barrier for a step folder that was never made (300 s, 294 lines).
+  """
+  run = subprocess.Popen(
+      [sys.executable, 'train.py', '--config', 'tests/fault_config.py',
+       '--workdir', str(tmp_path), '--config.num_train_steps=100000',
+       '--config.checkpoint_every_steps=20', '--config.eval_every_steps=100000',
+       '--config.log_every_steps=1000'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  folder = tmp_path / 'checkpoints'
+  while not (folder / '20').is_dir():
+    assert run.poll() is None, run.stdout.read()[-3000:]
+  immutable(folder)
+  try:
+    rc = run.wait(150)  # a hang check: the old code waited 300 s after this
+  except subprocess.TimeoutExpired:
+    run.kill()
+    pytest.fail('train.py hung after a failed save')
+  out = run.stdout.read()
+  assert rc == 1, out[-3000:]
+  assert 'error: could not write checkpoint step' in out, out[-3000:]
+  assert '(Operation not permitted)' in out
+  assert 'step_directory_creation' not in out

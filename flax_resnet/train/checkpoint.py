@@ -399,9 +399,10 @@ def check_checkpoint_directory(directory: str | os.PathLike) -> pathlib.Path:
     raise CheckpointError(
         f'{path} is a file, not a folder, so no checkpoint can be saved '
         'there. Move it away, or choose another --workdir.')
+  if not path.exists():
+    return path  # made by the first save, in a workdir already probed
   probe = path / f'.write_test.{jax.process_index()}.{os.getpid()}'
   try:
-    path.mkdir(parents=True, exist_ok=True)
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
