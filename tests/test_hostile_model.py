@@ -190,8 +190,9 @@ def test_legitimate_small_inputs_still_work(shape, train, resnet18):
   assert bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_train_mode_batch_of_one_gave_constant_logits_which_is_why_it_raises():
-  # What the check prevents: with one value per channel, BN outputs its bias.
+def test_train_mode_batch_of_two_at_a_1x1_map_is_informative():
+  # The check stops at one value per channel (BN then outputs its bias for
+  # every input); two values already give input-dependent logits.
   model = create_model('resnet18', num_classes=4)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
