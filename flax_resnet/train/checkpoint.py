@@ -18,6 +18,7 @@ never silently starts from scratch: if every step is damaged it raises.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -453,6 +454,12 @@ class WorkdirLock:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        # A filesystem without locks (some network mounts): say so, go on.
+        log.warning('cannot lock %s (%s): this filesystem has no file locks, '
+                    'so a second run in this workdir would not be refused.',
+                    self.path, e.strerror)
+        return self
       holder = self.holder()
       if holder:
         who = (f'pid {holder.get("pid")} on host {holder.get("host")}, '
