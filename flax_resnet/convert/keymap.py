@@ -1,6 +1,6 @@
-"""PyTorch (torchvision / timm) state_dicts <-> Flax ResNet variables.
+"""The shared name map: every Flax variable of a model and its torch name.
 
-The name map is never typed per model: `key_map` traces the target model
+The map is never typed per model: `key_map` traces the target model
 abstractly (`flax_resnet.layout.trace`, i.e. `jax.eval_shape(model.init)` with
 a method interceptor), walks every variable it creates, and turns each module
 path into the torchvision name of the same layer:
@@ -14,45 +14,23 @@ path into the torchvision name of the same layer:
       (shortcut 'D': avg-pool first)     -> layer{s}.{b}.downsample.1, .2
     fc                                   -> fc
 
-Conventions:
-  * conv weight (out, in/groups, kh, kw) <-> kernel (kh, kw, in/groups, out).
-  * Linear weight (out, in) <-> Dense kernel (in, out).
-  * BatchNorm weight/bias <-> scale/bias; running_mean/running_var <->
-    batch_stats mean/var. `num_batches_tracked` is ignored on the way in and
-    written as int64 0 on the way out (torchvision state_dicts carry it, so
-    `load_state_dict(strict=True)` needs it; it only matters for momentum=None).
-  * BN momentum: torch's momentum=0.1 updates running = 0.9 * running +
-    0.1 * batch, which is Flax's momentum=0.9 (our `bn_momentum`, the default).
-
-    variables = torch_to_flax('resnet50.pth', 'resnet50')
-    logits = create_model('resnet50').apply(variables, images, train=False)
-    state_dict = flax_to_torch(variables, 'resnet50')  # OrderedDict of numpy
-
-CLI: python -m flax_resnet.convert resnet50 IN.pth OUT_DIR [--skip-head] [k=v]
-writes an orbax StandardCheckpointer checkpoint of the variables.
-
-At import this module needs only numpy: the model stack, torch and
-safetensors are imported inside the functions that use them, and torch only
-when a `.pth` file or a torch tensor is involved.
+The other formats (mxnet.py, keras.py) rename these entries; `assemble` turns
+any list of named entries plus arrays into Flax variables, with one error
+report (`StateDictMismatch`) for all formats.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
-import os
-import pathlib
 import re
-import sys
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-ModelLike = Any  # a ResNet module, a ResNetSpec, or a preset name
-StateDictLike = Union[Mapping[str, Any], str, os.PathLike]
+ModelLike = Any  # a ResNet module, a ResNetSpec or a preset name
 
 _BLOCK = re.compile(r'^stage(\d+)_block(\d+)$')
 _DEEP_STEM_PART = re.compile(r'^(conv|bn)1_\d+$')
@@ -98,6 +76,14 @@ class Entry:
   dtype: Any
 
   @property
+  def name(self) -> str:
+    return self.torch_name
+
+  @property
+  def source_shape(self) -> tuple[int, ...]:
+    return self.torch_shape
+
+  @property
   def torch_shape(self) -> tuple[int, ...]:
     if self.kind == 'conv':
       kh, kw, cin, cout = self.shape
@@ -121,6 +107,26 @@ class Entry:
       array = array.T
     # A writable C-order copy: torch.from_numpy warns on read-only jax views.
     return np.array(array, order='C')
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceEntry:
+  """One tensor of another format (Gluon, Keras) and its Flax variable.
+
+  kind: 'conv' (OIHW, as torch), 'dense' ((out, in), as torch), 'copy' or
+  'ignored' (a tensor of the format that the network does not use, e.g. the
+  held-at-1 gamma of Gluon's data BatchNorm; it is read but not loaded).
+  """
+  name: str
+  collection: str
+  path: tuple[str, ...]
+  kind: str
+  shape: tuple[int, ...]
+  dtype: Any
+
+  source_shape = Entry.torch_shape
+  to_flax = Entry.to_flax
+  to_torch = Entry.to_torch  # Flax -> the format's layout, same as torch's
 
 
 # ---------------------------------------------------------------- the name map
@@ -279,134 +285,6 @@ def torch_names(model: ModelLike, **overrides: Any) -> list[str]:
   return [e.torch_name for e in key_map(model, **overrides)]
 
 
-# ------------------------------------------------------------ reading tensors
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  if type(value).__module__.startswith('torch'):
-    value = value.detach().cpu()
-    if str(value.dtype) == 'torch.bfloat16':
-      # numpy has no bfloat16; reinterpret the bits so nothing is rounded.
-      import ml_dtypes
-      return value.view(_torch().int16).numpy().view(ml_dtypes.bfloat16)
-    return value.numpy()
-  return np.asarray(value)
-
-
-def _torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-        'reading or writing .pth files needs PyTorch: pip install '
-        'torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu') from e
-  return torch
-
-
-def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
-  """The state_dict inside a checkpoint that nests it under a key."""
-  for key in ('state_dict', 'model', 'model_state_dict'):
-    if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-      return obj[key]
-  if not isinstance(obj, Mapping):
-    raise ValueError(
-        f'{source} holds a {type(obj).__name__}, not a state_dict; save '
-        'model.state_dict() rather than the model object.')
-  return obj
-
-
-def load_state_dict(source: StateDictLike) -> dict[str, np.ndarray]:
-  """A state_dict as {name: numpy array}.
-
-  Args:
-    source: a mapping of names to torch tensors / numpy / jax arrays, or the
-      path of a `.pth`/`.pt`/`.bin` file (torch.load with weights_only=True; a
-      checkpoint that nests the weights under 'state_dict' or 'model' is
-      unwrapped) or of a `.safetensors` file. A 'module.' prefix left by
-      DataParallel / DDP is stripped.
-  """
-  if isinstance(source, (str, os.PathLike)):
-    path = pathlib.Path(source)
-    if not path.is_file():
-      raise ValueError(f'state_dict file {path} does not exist.')
-    if path.suffix == '.safetensors':
-      import safetensors.numpy
-      try:
-        raw = safetensors.numpy.load_file(str(path))
-      except (TypeError, ValueError):  # bfloat16 has no numpy reader
-        import safetensors.torch
-        raw = safetensors.torch.load_file(str(path))
-    else:
-      raw = _unwrap(_torch().load(path, map_location='cpu', weights_only=True),
-                    str(path))
-  elif isinstance(source, Mapping):
-    raw = _unwrap(source, 'the state_dict')
-  else:
-    raise ValueError(
-        f'state_dict must be a mapping or a file path, got '
-        f'{type(source).__name__}.')
-  arrays = {str(k): _to_numpy(v) for k, v in raw.items()}
-  if arrays and all(k.startswith('module.') for k in arrays):
-    arrays = {k[len('module.'):]: v for k, v in arrays.items()}
-  return arrays
-
-
-_HF_BN_LEAVES = ('weight', 'bias', 'running_mean', 'running_var',
-                 'num_batches_tracked')
-_HF_PATTERNS = (
-    (re.compile(r'^embedder\.embedder\.convolution\.(weight)$'), 'conv1.{0}'),
-    (re.compile(r'^embedder\.embedder\.normalization\.(\w+)$'), 'bn1.{0}'),
-    (re.compile(r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.'
-                r'convolution\.(weight)$'), 'layer{0+}.{1}.downsample.0.{2}'),
-    (re.compile(r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.'
-                r'normalization\.(\w+)$'), 'layer{0+}.{1}.downsample.1.{2}'),
-    (re.compile(r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.'
-                r'convolution\.(weight)$'), 'layer{0+}.{1}.conv{2+}.{3}'),
-    (re.compile(r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.'
-                r'normalization\.(\w+)$'), 'layer{0+}.{1}.bn{2+}.{3}'),
-    (re.compile(r'^classifier\.1\.(weight|bias)$'), 'fc.{0}'),
-)
-
-
-def _hf_name(key: str) -> Optional[str]:
-  name = key[len('resnet.'):] if key.startswith('resnet.') else key
-  for pattern, template in _HF_PATTERNS:
-    match = pattern.match(name)
-    if match:
-      groups = match.groups()
-      if '.normalization.' in name and groups[-1] not in _HF_BN_LEAVES:
-        return None
-      # '{i+}': HF counts stages and convs from 0, torchvision from 1.
-      return re.sub(
-          r'\{(\d)(\+?)\}',
-          lambda m: str(int(groups[int(m.group(1))]) + 1) if m.group(2)
-          else groups[int(m.group(1))], template)
-  return None
-
-
-def hf_to_torchvision_keys(state_dict: StateDictLike) -> dict[str, np.ndarray]:
-  """Renames a Hugging Face `transformers` ResNet state_dict to torchvision's.
-
-  Covers ResNetForImageClassification ('resnet.' prefix, 'classifier.1') and
-  ResNetModel. HF's `downsample_in_bottleneck=True` puts the stride on the
-  first 1x1 (our `stride_in='1x1'`, e.g. 'resnet50_v1'); the default is v1.5.
-  """
-  arrays = load_state_dict(state_dict)
-  renamed, unknown = {}, []
-  for key, value in arrays.items():
-    name = _hf_name(key)
-    if name is None:
-      unknown.append(key)
-    else:
-      renamed[name] = value
-  if unknown:
-    raise StateDictMismatch(
-        f'{len(unknown)} key(s) are not Hugging Face ResNet names: '
-        f'{", ".join(unknown)}. Only ResNetModel / ResNetForImageClassification '
-        'state_dicts can be renamed.', unexpected=unknown)
-  return renamed
-
-
 # ------------------------------------------------------------------- checking
 
 
@@ -432,7 +310,9 @@ def _architecture_hint(keys: Sequence[str], model) -> str:
   candidates = sorted(
       name for name, s in PRESETS.items()
       if tuple(s.depths) == found and s.block == block and
-      (s.stem == 'deep') == deep and not s.preact)
+      (s.stem == 'deep') == deep and not s.preact and
+      # Gluon / Keras nets have other names; torch names fit only these.
+      not s.conv_bias and not s.input_norm)
   stem = ', deep stem' if deep else ''
   return (f'The state_dict looks like {block} blocks with depths {found}'
           f'{stem}, but the model has {spec.block} blocks with depths '
@@ -442,7 +322,8 @@ def _architecture_hint(keys: Sequence[str], model) -> str:
 
 
 def _mismatch_message(model, missing, unexpected, mismatched,
-                      keys: Sequence[str]) -> str:
+                      keys: Sequence[str], head_weight: str = 'fc.weight'
+                      ) -> str:
   lines = []
   if missing:
     lines.append(f'{len(missing)} missing key(s) (the model needs them, the '
@@ -457,9 +338,19 @@ def _mismatch_message(model, missing, unexpected, mismatched,
     lines.extend(f'  {k}: got {tuple(got)}, expected {tuple(want)}'
                  for k, got, want in mismatched)
   fixes = []
-  fc = {k: (got, want) for k, got, want in mismatched if k == 'fc.weight'}
-  if 'fc.weight' in fc and fc['fc.weight'][0][0] != fc['fc.weight'][1][0]:
-    got, want = fc['fc.weight']
+  transposed = [k for k, got, want in mismatched
+                if len(got) == 2 and tuple(got) == tuple(reversed(want))
+                and got[0] != got[1]]
+  if transposed:
+    fixes.append(
+        f'{", ".join(transposed)} hold(s) the transpose of the expected '
+        'matrix (in, out) instead of (out, in): transpose it before loading '
+        '(a torch Linear weight is (out, in)); the number of classes is '
+        'right.')
+  fc = {k: (got, want) for k, got, want in mismatched
+        if k == head_weight and k not in transposed}
+  if head_weight in fc and fc[head_weight][0][0] != fc[head_weight][1][0]:
+    got, want = fc[head_weight]
     fixes.append(
         f'num_classes={want[0]} but the state_dict\'s fc has {got[0]} '
         f'outputs; pass num_classes={got[0]}, or skip_head=True to load '
@@ -529,74 +420,86 @@ def _init_only_fn(spec, module_paths: frozenset):
   return jax.jit(init)
 
 
-# ---------------------------------------------------------------- conversions
+def check_values(arrays: Mapping[str, Any], names: Sequence[str]) -> None:
+  """Refuses None and non-float tensors among the `names` to be loaded.
+
+  An integer tensor would be cast silently to float: a quantised or
+  corrupted checkpoint would then load as nonsense.
+  """
+  problems = []
+  for name in names:
+    value = arrays[name]
+    if value is None:
+      problems.append(f'{name} is None, not an array (was the tensor '
+                      'dropped when the file was written?)')
+      continue
+    dtype = np.asarray(value).dtype
+    floating = np.issubdtype(dtype, np.floating) or dtype.name == 'bfloat16'
+    if not floating:
+      problems.append(f'{name} has dtype {dtype.name}; weights must be '
+                      'floating point (a quantised or integer checkpoint '
+                      'cannot be loaded; dequantise it first)')
+  if problems:
+    raise StateDictMismatch(
+        f'{len(problems)} tensor(s) cannot be loaded:\n' +
+        '\n'.join(f'  {p}' for p in problems))
 
 
-def torch_to_flax(state_dict: StateDictLike, model: ModelLike, *,
-                  strict: bool = True, skip_head: bool = False,
-                  base: Optional[Mapping[str, Any]] = None, rng=None,
-                  **overrides: Any) -> dict[str, Any]:
-  """Converts a torchvision-named state_dict into Flax variables.
+def assemble(arrays: Mapping[str, np.ndarray], entries: Sequence[Any], model,
+             *, strict: bool = True, skip_head: bool = False,
+             base: Optional[Mapping[str, Any]] = None, rng=None,
+             ignored: Callable[[str], bool] = lambda name: False,
+             head_weight: str = 'fc.weight', stacklevel: int = 3
+             ) -> dict[str, Any]:
+  """Flax variables of `model` from named arrays and the entries naming them.
 
   Args:
-    state_dict: see `load_state_dict` (mapping, .pth/.pt or .safetensors).
-    model: a flax_resnet.ResNet, a ResNetSpec or a preset name such as
-      'resnet50' / 'resnet50d' (timm names for the deep stem and avg-pool
-      shortcut).
-    strict: raise `StateDictMismatch` on missing or unexpected keys. Shape
-      mismatches always raise. With strict=False unexpected keys are ignored
-      and missing ones keep the values of `base` (with a warning).
-    skip_head: do not load `fc.*` (any shape); the head comes from `base`.
-      For fine-tuning on a new number of classes.
-    base: variables supplying whatever is not loaded; by default those
-      layers' values under `model.init(rng)` (rng defaults to
-      jax.random.key(0)), computed only when needed and only for them.
-    rng: see `base`.
-    **overrides: ResNetSpec fields applied to `model`, e.g. num_classes=10.
-
-  Returns:
-    {'params': ..., 'batch_stats': ...} as jax arrays in the model's dtypes,
-    ready for `model.apply(variables, x, train=False)`. BatchNorm momentum
-    needs no conversion of values: torch momentum=0.1 is Flax 0.9.
-
-  Raises:
-    StateDictMismatch (a ValueError): listing every missing key, unexpected
-      key and shape mismatch, with a suggested fix.
+    arrays: {name in the source format: array in the source layout}.
+    entries: Entry / SourceEntry of every tensor the model has, in the
+      format's names ('counter' entries are skipped).
+    model: the resolved ResNet.
+    strict, skip_head, base, rng: see `torch_to_flax`.
+    ignored: names the format stores but the model never needs (torch's
+      num_batches_tracked).
+    head_weight: the format's name of the classifier weight, for hints.
   """
   import jax.numpy as jnp
 
-  model = resolve_model(model, **overrides)
-  arrays = load_state_dict(state_dict)
-  entries = [e for e in key_map(model) if e.kind != 'counter']
-  head = {e.torch_name for e in entries if e.path[0] == 'fc'}
+  entries = [e for e in entries if e.kind != 'counter']
+  head = {e.name for e in entries if e.path[0] == 'fc'}
   if skip_head:
-    entries = [e for e in entries if e.torch_name not in head]
-    arrays = {k: v for k, v in arrays.items() if not k.startswith('fc.')}
-  expected = {e.torch_name: e for e in entries}
-  given = {k for k in arrays if not k.endswith('num_batches_tracked')}
-  missing = [e.torch_name for e in entries if e.torch_name not in given]
+    entries = [e for e in entries if e.name not in head]
+    arrays = {k: v for k, v in arrays.items() if k not in head}
+  expected = {e.name: e for e in entries}
+  given = {k for k in arrays if not ignored(k)}
+  missing = [e.name for e in entries
+             if e.name not in given and e.kind != 'ignored']
   unexpected = sorted(given - set(expected))
-  mismatched = [(k, arrays[k].shape, expected[k].torch_shape)
+  check_values(arrays, [k for k in expected if k in given])
+  mismatched = [(k, tuple(np.shape(arrays[k])), expected[k].source_shape)
                 for k in expected if k in given and
-                tuple(arrays[k].shape) != expected[k].torch_shape]
+                tuple(np.shape(arrays[k])) != expected[k].source_shape]
   if mismatched or (strict and (missing or unexpected)):
     raise StateDictMismatch(
         _mismatch_message(model, missing, unexpected, mismatched,
-                          sorted(given)),
+                          sorted(given), head_weight),
         missing, unexpected, mismatched)
 
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   for entry in entries:
-    if entry.torch_name in given:
+    if entry.name in given and entry.kind != 'ignored':
       _set(variables[entry.collection], entry.path,
-           jnp.asarray(entry.to_flax(arrays[entry.torch_name])))
+           jnp.asarray(entry.to_flax(np.asarray(arrays[entry.name]))))
   if missing:
     warnings.warn(f'strict=False: {len(missing)} key(s) not in the state_dict '
                   f'keep their initial values: {", ".join(missing)}',
-                  stacklevel=2)
+                  stacklevel=stacklevel)
   if missing or skip_head:
-    by_name = {e.torch_name: e for e in key_map(model)}
-    fill = [by_name[k] for k in missing + (sorted(head) if skip_head else [])]
+    by_name = {e.name: e for e in entries}
+    fill = [by_name[k] for k in missing]
+    if skip_head:
+      fill += [e for e in key_map(model) if e.path[0] == 'fc'
+               and e.kind != 'counter']
     if base is None:
       import jax
       init = _init_only_fn(model.spec, frozenset(e.path[:-1] for e in fill))
@@ -609,22 +512,20 @@ def torch_to_flax(state_dict: StateDictLike, model: ModelLike, *,
   return variables
 
 
-def flax_to_torch(variables: Mapping[str, Any], model: ModelLike,
-                  **overrides: Any) -> collections.OrderedDict[str, np.ndarray]:
-  """Flax variables -> torchvision-named state_dict of numpy arrays.
+def variables_to_arrays(variables: Mapping[str, Any], entries: Sequence[Any],
+                        model) -> collections.OrderedDict:
+  """{format name: array in the format's layout}, in the entries' order.
 
-  The order matches torchvision's `state_dict()`, and each BatchNorm gets a
-  `num_batches_tracked` of int64 0, so `torch_model.load_state_dict(
-  {k: torch.from_numpy(v) ...}, strict=True)` works. Use `save_torch` /
-  `save_safetensors` to write a file.
+  'counter' entries (torch's num_batches_tracked) become int64 0; 'ignored'
+  ones are left for the caller to fill (e.g. Gluon's fixed gamma of 1).
   """
-  model = resolve_model(model, **overrides)
-  entries = key_map(model)
   out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
   missing, mismatched = [], []
   for entry in entries:
     if entry.kind == 'counter':
-      out[entry.torch_name] = np.array(0, dtype=np.int64)
+      out[entry.name] = np.array(0, dtype=np.int64)
+      continue
+    if entry.kind == 'ignored':
       continue
     try:
       value = _get(variables[entry.collection], entry.path)
@@ -635,7 +536,7 @@ def flax_to_torch(variables: Mapping[str, Any], model: ModelLike,
       mismatched.append(('/'.join((entry.collection,) + entry.path),
                          np.shape(value), entry.shape))
       continue
-    out[entry.torch_name] = entry.to_torch(value)
+    out[entry.name] = entry.to_torch(value)
   if missing or mismatched:
     spec = model.spec
     lines = [f'the variables do not fit the model ({spec.block} blocks, '
@@ -647,82 +548,3 @@ def flax_to_torch(variables: Mapping[str, Any], model: ModelLike,
                  'were created with.')
     raise StateDictMismatch('\n'.join(lines), missing, (), mismatched)
   return out
-
-
-def _to_torch_tensor(array: np.ndarray):
-  torch = _torch()
-  if array.dtype.name == 'bfloat16':
-    return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-  return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def save_torch(variables: Mapping[str, Any], model: ModelLike,
-               path: Union[str, os.PathLike], **overrides: Any) -> None:
-  """Writes a torchvision-loadable `.pth` (a plain state_dict)."""
-  state_dict = flax_to_torch(variables, model, **overrides)
-  _torch().save(collections.OrderedDict(
-      (k, _to_torch_tensor(v)) for k, v in state_dict.items()), path)
-
-
-def save_safetensors(variables: Mapping[str, Any], model: ModelLike,
-                     path: Union[str, os.PathLike], **overrides: Any) -> None:
-  """Writes torchvision names to a `.safetensors` file."""
-  state_dict = flax_to_torch(variables, model, **overrides)
-  if any(v.dtype.name == 'bfloat16' for v in state_dict.values()):
-    import safetensors.torch
-    safetensors.torch.save_file(
-        {k: _to_torch_tensor(v) for k, v in state_dict.items()}, str(path))
-  else:
-    import safetensors.numpy
-    safetensors.numpy.save_file(dict(state_dict), str(path))
-
-
-# ------------------------------------------------------------------------ CLI
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  from flax_resnet.spec import parse_override  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m flax_resnet.convert',
-      description='Convert a torchvision/timm ResNet state_dict (.pth or '
-      '.safetensors) into an orbax checkpoint of Flax variables.')
-  parser.add_argument('model', help='preset name, e.g. resnet50')
-  parser.add_argument('source', help='.pth / .pt / .safetensors file')
-  parser.add_argument('out_dir', help='checkpoint directory to create')
-  parser.add_argument('overrides', nargs='*', type=parse_override,
-                      help='spec overrides such as num_classes=10')
-  parser.add_argument('--skip-head', action='store_true',
-                      help='do not load fc.*; keep a fresh classifier')
-  parser.add_argument('--hf', action='store_true',
-                      help='the file uses Hugging Face transformers names')
-  parser.add_argument('--force', action='store_true',
-                      help='overwrite out_dir if it exists')
-  args = parser.parse_args(argv)
-  out_dir = pathlib.Path(args.out_dir).absolute()
-  if out_dir.exists() and not args.force:
-    print(f'error: {out_dir} already exists; pass --force to overwrite it.',
-          file=sys.stderr)
-    return 2
-  try:
-    state_dict = load_state_dict(args.source)
-    if args.hf:
-      state_dict = hf_to_torchvision_keys(state_dict)
-    variables = torch_to_flax(state_dict, args.model,
-                              skip_head=args.skip_head, **dict(args.overrides))
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out_dir, variables, force=args.force)
-    checkpointer.wait_until_finished()
-  count = sum(int(np.prod(e.shape)) for e in key_map(args.model, **dict(
-      args.overrides)) if e.collection == 'params')
-  print(f'wrote {out_dir} ({count:,} parameters). Restore with '
-        'orbax.checkpoint.StandardCheckpointer().restore(path).')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
