@@ -235,7 +235,7 @@ def _gluon_order(entries, spec):
         # V2 blocks register bn1, conv1, bn2, conv2, ..., then downsample.
         match = re.match(r'^(bn|conv)(\d)$', part)
         numbers.append((1, (int(match.group(2)), match.group(1) == 'conv'))
-                       if match else (2, 0))
+                       if match else (2, ('body', 'downsample').index(part)))
     return (parts[0] == 'output', numbers, order[leaf])
 
   return sorted(entries, key=key)
