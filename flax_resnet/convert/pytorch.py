@@ -86,7 +86,10 @@ def read_torch(path) -> Mapping[str, Any]:
   """torch.load with weights_only=True: a pickle is never executed."""
   torch = _torch()
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    # An open file, not the path: torch.load picks a reader by the file's
+    # extension (.safetensors), and here the bytes have been checked already.
+    with open(path, 'rb') as f:
+      obj = torch.load(f, map_location='cpu', weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError,
           ValueError, TypeError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)

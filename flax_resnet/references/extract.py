@@ -114,7 +114,9 @@ _COUNTS = (
     'total_params the trainable parameters (conv weights and biases, BN gamma '
     'and beta), compared with our params collection; library_total_params '
     'is everything the library stores, BN running statistics included. ')
-_TORCH_NOTES = _COUNTS
+_TORCH_NOTES = (
+    'Per-block params count trainable parameters (conv weights, BN gamma and '
+    'beta), not BN running statistics, as in this project. ')
 
 _GLUON_V1_BIAS = (
     'Gluon BottleneckV1 gives its two 1x1 convs (body.0, body.6) a bias; '
