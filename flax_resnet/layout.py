@@ -326,6 +326,12 @@ def notes(layout: Layout) -> list[str]:
   """Plain-words answers to 'why is this projection stride 1?' and friends."""
   out = []
   for row in layout.blocks:
+    if row.shortcut == 'subsample':
+      out.append(
+          f'stage {row.stage} block {row.index}: the stride sits on this, the '
+          f'last block ({row.stride_conv}, {row.stride_at}); the channels '
+          f'stay {row.out_channels}, so the shortcut only subsamples: '
+          f'{row.shortcut_text()}.')
     if row.index != 0:
       continue
     where = f'stage {row.stage}'
@@ -335,6 +341,10 @@ def notes(layout: Layout) -> list[str]:
       why = (f"the stem's max-pool has already halved the size to "
              f'{_fmt(row.in_size)} (after its strided conv)' if pooled else
              f'the stem keeps the size at {_fmt(row.in_size)}')
+      if row.stage > 1:
+        # Keras ResNetV2: the previous stage strided in its last block.
+        why = (f'the last block of stage {row.stage - 1} has already '
+               f'strided to {_fmt(row.in_size)}')
       out.append(
           f'{where}: the projection is a 1x1 with stride 1 ({row.in_channels}'
           f'->{row.out_channels}): the bottleneck widens the channels, so the '
