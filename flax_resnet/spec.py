@@ -66,7 +66,8 @@ class ResNetSpec:
     depths: blocks per stage.
     widths: the 'planes' of each stage (torchvision's naming). A stage's output
       has widths[i] * expansion channels (expansion 4 for bottlenecks).
-    strides: spatial stride of each stage's first block.
+    strides: spatial stride of each stage (carried by its first block, or its
+      last with stride_block='last').
     groups: grouped-conv cardinality of the 3x3 (ResNeXt).
     width_per_group: bottleneck width per group; 64 is plain ResNet, 128 with
       groups=1 is wide_resnet*_2.
