@@ -7,9 +7,10 @@ it is the test.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
+import jupytext
+import nbclient
 import pytest
 
 NOTEBOOK = (pathlib.Path(__file__).parents[1] / 'notebooks' /
@@ -18,14 +19,10 @@ NOTEBOOK = (pathlib.Path(__file__).parents[1] / 'notebooks' /
 
 @pytest.mark.slow
 def test_gluon_and_keras_notebook_runs_clean(tmp_path):
-  jupytext = pytest.importorskip('jupytext')
-  nbclient = pytest.importorskip('nbclient')
-  pytest.importorskip('keras')
   notebook = jupytext.read(NOTEBOOK)
   client = nbclient.NotebookClient(
       notebook, timeout=600, kernel_name='python3',
       resources={'metadata': {'path': str(tmp_path)}})
-  os.environ.setdefault('KERAS_BACKEND', 'jax')
   client.execute()
   outputs = '\n'.join(
       out.get('text', '') for cell in notebook.cells

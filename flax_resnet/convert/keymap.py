@@ -334,7 +334,8 @@ def _mismatch_message(model, missing, unexpected, mismatched,
                  'no place in the model):')
     lines.extend(f'  {k}' for k in unexpected)
   if mismatched:
-    lines.append(f'{len(mismatched)} shape mismatch(es) (torch layout):')
+    lines.append(f'{len(mismatched)} shape mismatch(es) (in the layout of '
+                 'the weights file or mapping):')
     lines.extend(f'  {k}: got {tuple(got)}, expected {tuple(want)}'
                  for k, got, want in mismatched)
   fixes = []
