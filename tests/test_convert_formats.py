@@ -291,3 +291,21 @@ def test_exact_presets_are_not_torchvision_shaped():
   spec = zoo.get_spec('keras_resnet50')
   assert spec.bn_eps == 1.001e-5 and 'stem' in spec.conv_bias
   assert zoo.get_spec('resnet50').conv_bias == ()
+
+
+def test_hugging_face_save_pretrained_file_loads_as_is(tmp_path):
+  # A transformers checkpoint folder's model.safetensors, loaded with no
+  # renaming step: load_weights recognises the names.
+  transformers = pytest.importorskip('transformers')
+  config = transformers.ResNetConfig(
+      embedding_size=64, hidden_sizes=(64, 128, 256, 512),
+      depths=(2, 2, 2, 2), layer_type='basic', hidden_act='relu',
+      num_labels=1000, downsample_in_first_stage=False)
+  hf = transformers.ResNetForImageClassification(config).eval()
+  hf.save_pretrained(tmp_path)
+  variables = convert.load_weights(tmp_path / 'model.safetensors', 'resnet18')
+  x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
+  ours = np.asarray(zoo.create_model('resnet18').apply(variables, x))
+  assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
