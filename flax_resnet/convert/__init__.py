@@ -10,6 +10,7 @@
 One module per format, around one shared name map (keymap.py):
 
     files.py        what a file holds, from its first bytes
+    assemble.py     named arrays -> variables (and back), one error report
     pytorch.py      torch .pth/.pt/.bin and .safetensors (torchvision, timm)
     huggingface.py  transformers ResNet names -> torchvision names
     mxnet.py        Gluon .params, read and written with numpy (no MXNet)

@@ -32,9 +32,9 @@ from typing import Any, Mapping, Union
 import numpy as np
 
 from flax_resnet.convert import files
-from flax_resnet.convert.keymap import (ModelLike, SourceEntry, assemble,
-                                        key_map, resolve_model,
-                                        variables_to_arrays)
+from flax_resnet.convert.assemble import assemble, variables_to_arrays
+from flax_resnet.convert.keymap import (ModelLike, SourceEntry, key_map,
+                                        resolve_model)
 
 _LEAVES = {
     'conv': {'kernel': 'kernel', 'bias': 'bias'},

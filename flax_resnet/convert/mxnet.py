@@ -36,9 +36,10 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from flax_resnet.convert import files
+from flax_resnet.convert.assemble import assemble, variables_to_arrays
 from flax_resnet.convert.keymap import (ModelLike, SourceEntry,
-                                        StateDictMismatch, assemble, key_map,
-                                        resolve_model, variables_to_arrays)
+                                        StateDictMismatch, key_map,
+                                        resolve_model)
 
 _LIST_MAGIC = 0x112
 _V1, _V2, _V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA

@@ -27,8 +27,8 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from flax_resnet.convert import files
-from flax_resnet.convert.keymap import (ModelLike, assemble, key_map,
-                                        resolve_model, variables_to_arrays)
+from flax_resnet.convert.assemble import assemble, variables_to_arrays
+from flax_resnet.convert.keymap import ModelLike, key_map, resolve_model
 
 StateDictLike = Union[Mapping[str, Any], str, os.PathLike]
 
