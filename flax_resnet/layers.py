@@ -321,10 +321,16 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class MaxPool(nn.Module):
-  """3x3/2 max-pool; torch pads (1, 1) with -inf, XLA SAME pads (0, 1)."""
+  """3x3/2 max-pool; torch pads (1, 1) with -inf, XLA SAME pads (0, 1).
+
+  pad_value 'zeros' pads with zeros first and pools VALID, as Keras'
+  ZeroPadding2D + MaxPooling2D do; it differs from -inf only where the input
+  can be negative (no ReLU before the pool, Keras ResNetV2).
+  """
   window: int = 3
   stride: int = 2
   padding_mode: str = 'torch'
+  pad_value: str = '-inf'
 
   @nn.compact
   def __call__(self, x):
@@ -333,8 +339,11 @@ class MaxPool(nn.Module):
                                  (self.stride,) * 2, 'SAME')
     else:
       pads = torch_padding(self.window)
-    return _max_pool(x, self.window, self.stride,
-                     tuple(tuple(p) for p in pads))
+    pads = tuple(tuple(p) for p in pads)
+    if self.pad_value == 'zeros':
+      x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+      pads = ((0, 0), (0, 0))
+    return _max_pool(x, self.window, self.stride, pads)
 
 
 class AvgPool(nn.Module):
@@ -358,6 +367,7 @@ class Shortcut(nn.Module):
   mode 'A': subsample x[::s, ::s] and zero-pad channels (no parameters).
   mode 'conv': 1x1 projection with the block's stride (+ BN unless preact).
   mode 'avgpool_conv': 2x2 avg-pool with the stride, then 1x1/1 conv + BN.
+  mode 'subsample': x[::s, ::s], Keras ResNetV2's MaxPooling2D(1, strides=s).
   """
   mode: str
   out_channels: int
@@ -365,9 +375,12 @@ class Shortcut(nn.Module):
   conv: Callable[..., nn.Module]
   norm: Optional[Callable[..., nn.Module]]
   zero_pad: str = 'both'
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
+    if self.mode == 'subsample':
+      return x[:, ::self.stride, ::self.stride, :]
     if self.mode == 'A':
       if self.stride > 1:
         x = x[:, ::self.stride, ::self.stride, :]
@@ -377,9 +390,11 @@ class Shortcut(nn.Module):
     if self.mode == 'avgpool_conv':
       if self.stride > 1:
         x = AvgPool(2, self.stride, name='pool')(x)
-      x = self.conv(self.out_channels, 1, 1, name='conv')(x)
+      x = self.conv(self.out_channels, 1, 1, name='conv',
+                    use_bias=self.use_bias)(x)
     elif self.mode == 'conv':
-      x = self.conv(self.out_channels, 1, self.stride, name='conv')(x)
+      x = self.conv(self.out_channels, 1, self.stride, name='conv',
+                    use_bias=self.use_bias)(x)
     else:
       raise ValueError(f'unknown shortcut mode {self.mode!r}')
     if self.norm is not None:

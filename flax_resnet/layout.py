@@ -70,6 +70,9 @@ class BlockRow:
   def shortcut_text(self) -> str:
     if self.shortcut == 'identity':
       return 'identity'
+    if self.shortcut == 'subsample':
+      return (f'maxpool 1x1/{self.shortcut_stride}: x[::{self.shortcut_stride}'
+              f', ::{self.shortcut_stride}] (0 params)')
     if self.shortcut == 'zero-pad':
       step = (f'x[::{self.shortcut_stride}, ::{self.shortcut_stride}]'
               if self.shortcut_stride > 1 else 'x')
@@ -101,6 +104,8 @@ class Layout:
   head: str
   head_params: int
   total_params: int
+  # params + batch_stats: what Keras' count_params() counts.
+  total_variables: int = 0
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -147,9 +152,10 @@ def _describe_op(call: Call) -> str:
     groups = f' g{m.feature_group_count}' if m.feature_group_count > 1 else ''
     return f'conv{k}x{k}/{s}{groups}'
   if isinstance(m, nn.BatchNorm):
-    return 'BN'
+    return 'BN' if m.use_scale or m.use_bias else 'BN (no scale, no shift)'
   if isinstance(m, layers.MaxPool):
-    return f'maxpool{m.window}x{m.window}/{m.stride}'
+    zeros = ' (zero-padded)' if m.pad_value == 'zeros' else ''
+    return f'maxpool{m.window}x{m.window}/{m.stride}{zeros}'
   if isinstance(m, layers.AvgPool):
     return f'avgpool{m.window}x{m.window}/{m.stride}'
   return type(m).__name__
@@ -178,7 +184,10 @@ def _block_row(block: Call, children: list[Call], params: int) -> BlockRow:
     sc_stride = (pools[0].module.stride if pools else convs[0].module.strides[0])
   else:
     s = shortcut_call[0]
-    kind, sc_stride = 'zero-pad', s.module.stride
+    # Parameter-free: option A appends zero channels; Keras V2 only
+    # subsamples.
+    kind = 'zero-pad' if s.out_shape[-1] > s.in_shape[-1] else 'subsample'
+    sc_stride = s.module.stride
   return BlockRow(
       stage=stage, index=index,
       in_channels=block.in_shape[-1], out_channels=block.out_shape[-1],
@@ -221,7 +230,9 @@ def derive_layout(model: ResNet, input_shape: Sequence[int] = (1, 224, 224, 3),
       blocks=tuple(sorted(blocks, key=lambda b: (b.stage, b.index))),
       head=head,
       head_params=head_params,
-      total_params=_count(params))
+      total_params=_count(params),
+      total_variables=_count({k: v for k, v in variables.items()
+                              if k in ('params', 'batch_stats')}))
 
 
 def layout_of(name: str, image_size: Optional[int] = None,
@@ -246,8 +257,13 @@ def compare(layout: Layout, reference: dict[str, Any],
   """Every difference from a reference entry, in words; [] means a match."""
   problems = []
   stem = reference.get('stem', {})
+  # An entry for a layout-only preset (e.g. resnet50_v1, which has no conv
+  # biases) holds the library's real counts but says they are not ours.
+  counts = reference.get('counts_compared', True)
   for key, words in (('out_channels', 'output channels'),
                      ('out_size', 'output size'), ('params', 'parameters')):
+    if key == 'params' and not counts:
+      continue
     want = stem.get(key)
     have = getattr(layout, f'stem_{key}')
     if want is not None and _fmt(want) != _fmt(have):
@@ -265,17 +281,21 @@ def compare(layout: Layout, reference: dict[str, Any],
       continue
     row, ref = ours[key], ref_blocks[key]
     for field, words in COMPARED_FIELDS.items():
-      want = ref.get(field)
+      want = ref.get(field) if counts or field != 'params' else None
       if want is None:
         continue  # the reference does not define this field comparably
       have = getattr(row, field)
       if _fmt(want) != _fmt(have):
         problems.append(f'{where}: {words} is {_fmt(have)} here but '
                         f'{_fmt(want)} in {reference_name}')
-  want_total = reference.get('total_params')
+  want_total = reference.get('total_params') if counts else None
   if want_total is not None and want_total != layout.total_params:
     problems.append(f'total parameters {layout.total_params:,} here, '
                     f'{want_total:,} in {reference_name}')
+  want_all = reference.get('total_variables') if counts else None
+  if want_all is not None and want_all != layout.total_variables:
+    problems.append(f'parameters and BN statistics {layout.total_variables:,} '
+                    f'here, {want_all:,} in {reference_name}')
   return problems
 
 
@@ -309,6 +329,12 @@ def notes(layout: Layout) -> list[str]:
   """Plain-words answers to 'why is this projection stride 1?' and friends."""
   out = []
   for row in layout.blocks:
+    if row.shortcut == 'subsample':
+      out.append(
+          f'stage {row.stage} block {row.index}: the stride sits on this, the '
+          f'last block ({row.stride_conv}, {row.stride_at}); the channels '
+          f'stay {row.out_channels}, so the shortcut only subsamples: '
+          f'{row.shortcut_text()}.')
     if row.index != 0:
       continue
     where = f'stage {row.stage}'
@@ -318,6 +344,10 @@ def notes(layout: Layout) -> list[str]:
       why = (f"the stem's max-pool has already halved the size to "
              f'{_fmt(row.in_size)} (after its strided conv)' if pooled else
              f'the stem keeps the size at {_fmt(row.in_size)}')
+      if row.stage > 1:
+        # Keras ResNetV2: the previous stage strided in its last block.
+        why = (f'the last block of stage {row.stage - 1} has already '
+               f'strided to {_fmt(row.in_size)}')
       out.append(
           f'{where}: the projection is a 1x1 with stride 1 ({row.in_channels}'
           f'->{row.out_channels}): the bottleneck widens the channels, so the '
@@ -338,6 +368,39 @@ def notes(layout: Layout) -> list[str]:
           f'{where}: {row.shortcut_text()} ({row.in_channels}->'
           f'{row.out_channels}, {_fmt(row.in_size)}->{_fmt(row.out_size)}); '
           f'the main path strides on {row.stride_conv} ({row.stride_at}).')
+  return out
+
+
+def spec_notes(spec) -> list[str]:
+  """What, besides the layout, makes `spec` differ from torchvision's nets."""
+  out = []
+  if spec.conv_bias:
+    places = ', '.join(spec.conv_bias)
+    out.append(f'conv biases on: {places} (torchvision convs have none; each '
+               'bias is a parameter of its own in the counts).')
+  if spec.input_norm:
+    out.append('the raw image first goes through a BatchNorm without scale '
+               'or shift (Gluon V2\'s "data" BN): only running mean and '
+               'variance, no trainable parameters.')
+  if spec.preact and spec.has_stem_norm:
+    out.append('pre-activation, yet the stem conv is followed by BN + ReLU '
+               'before the max-pool (Gluon V2).')
+  if not spec.has_stem_norm and spec.stem != 'cifar':
+    out.append('no BN or ReLU between the stem conv and its max-pool'
+               + (', so the pool sees negative values and its zero padding '
+                  'differs from -inf padding.'
+                  if spec.pool_padding == 'zeros' else '.'))
+  elif spec.pool_padding == 'zeros':
+    out.append('the max-pool pads with zeros (Keras ZeroPadding2D); after a '
+               'ReLU that equals -inf padding.')
+  if spec.stride_block == 'last':
+    out.append('each stage strides in its LAST block (Keras ResNetV2), so a '
+               'stage\'s output is already downsampled for the next one.')
+  if spec.pool_shortcut:
+    out.append('a block that strides without changing channels has a '
+               'parameter-free 1x1 max-pool shortcut with the stride.')
+  if spec.bn_eps != 1e-5:
+    out.append(f'BatchNorm epsilon {spec.bn_eps:g} (torchvision 1e-5).')
   return out
 
 
@@ -413,7 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f'{args.model}  input {_fmt(layout.input_shape[1:])}')
   print(format_table(layout))
   print()
-  for line in notes(layout):
+  for line in notes(layout) + spec_notes(
+      create_model(args.model, **overrides).spec):
     print(f'* {line}')
   if reference in (None, 'none'):
     print('\nreference: none (no check)')
@@ -433,6 +497,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   null_blocks = sum(b.get('params') is None for b in entry['blocks'])
   if null_blocks:
     uncounted.append(f'{null_blocks} blocks')
+  if not entry.get('counts_compared', True):
+    print(f'\nreference {reference}: MATCH ({len(layout.blocks)} blocks, '
+          'stem, strides and shortcuts agree; parameter counts not compared: '
+          f'{entry["counts_note"]})')
+    return 0
   if not uncounted:
     agreed = 'stem, strides, shortcuts and parameter counts agree'
   else:

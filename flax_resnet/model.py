@@ -31,6 +31,7 @@ class ResidualBlock(nn.Module):
   zero_init_last_bn: bool
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
+  conv_bias: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x):
@@ -48,23 +49,26 @@ class ResidualBlock(nn.Module):
     if self.shortcut_mode is not None:
       shortcut = layers.Shortcut(
           self.shortcut_mode, self.out_channels, self.stride, self.conv,
-          None if self.preact else self.norm, self.zero_pad, name='shortcut')
+          None if self.preact else self.norm, self.zero_pad,
+          use_bias='shortcut' in self.conv_bias, name='shortcut')
 
     if self.preact:
       out = nn.relu(self.norm(name='bn1')(x))
       out = layers.fusion_barrier(out)
       # He et al. 2016 / Gluon V2: projections see the pre-activated input,
-      # identity and option A see the raw input.
+      # identity, option A and Keras V2's subsampling see the raw input.
       if shortcut is None:
         residual = x
       else:
-        residual = shortcut(x if self.shortcut_mode == 'A' else out)
+        residual = shortcut(x if self.shortcut_mode in ('A', 'subsample')
+                            else out)
       y = out
       for i, (features, kernel, stride, groups) in enumerate(convs):
         if i:
           y = nn.relu(self.norm(name=f'bn{i + 1}')(y))
           y = layers.fusion_barrier(y)
         y = self.conv(features, kernel, stride, groups=groups,
+                      use_bias=f'conv{i + 1}' in self.conv_bias,
                       name=f'conv{i + 1}')(y)
       return y + _same_shape(self, y, residual)
 
@@ -73,6 +77,7 @@ class ResidualBlock(nn.Module):
     last = len(convs) - 1
     for i, (features, kernel, stride, groups) in enumerate(convs):
       y = self.conv(features, kernel, stride, groups=groups,
+                    use_bias=f'conv{i + 1}' in self.conv_bias,
                     name=f'conv{i + 1}')(y)
       scale_init = (nn.initializers.zeros
                     if i == last and self.zero_init_last_bn else
@@ -139,36 +144,51 @@ class Stem(nn.Module):
   padding_mode: str
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
+  # None: BN + ReLU unless preact (see ResNetSpec.stem_norm).
+  norm_act: Optional[bool] = None
+  use_bias: bool = False
+  input_norm: bool = False
+  pool_padding: str = '-inf'
 
   @nn.compact
   def __call__(self, x):
+    if self.input_norm:
+      # Gluon V2's "data" BatchNorm(scale=False, center=False).
+      x = self.norm(use_scale=False, use_bias=False, name='input_bn')(x)
+    bias = self.use_bias
     if self.kind == 'deep':
       half = self.width // 2
       for i, (features, stride) in enumerate([(half, 2), (half, 1)]):
-        x = self.conv(features, 3, stride, name=f'conv1_{i + 1}')(x)
+        x = self.conv(features, 3, stride, use_bias=bias,
+                      name=f'conv1_{i + 1}')(x)
         x = nn.relu(self.norm(name=f'bn1_{i + 1}')(x))
         x = layers.fusion_barrier(x)
-      x = self.conv(self.width, 3, 1, name='conv1_3')(x)
+      x = self.conv(self.width, 3, 1, use_bias=bias, name='conv1_3')(x)
     elif self.kind == 'imagenet':
-      x = self.conv(self.width, 7, 2, name='conv1')(x)
+      x = self.conv(self.width, 7, 2, use_bias=bias, name='conv1')(x)
     else:
-      x = self.conv(self.width, 3, 1, name='conv1')(x)
-    if not self.preact:
+      x = self.conv(self.width, 3, 1, use_bias=bias, name='conv1')(x)
+    norm_act = (not self.preact) if self.norm_act is None else self.norm_act
+    if norm_act:
       # A pre-activation net normalises at the start of the first block.
       x = nn.relu(self.norm(name='bn1')(x))
     if self.kind != 'cifar':
-      x = layers.MaxPool(3, 2, self.padding_mode, name='pool')(x)
+      x = layers.MaxPool(3, 2, self.padding_mode, self.pool_padding,
+                         name='pool')(x)
     return x
 
 
 def shortcut_mode(kind: str, stride: int, in_channels: int,
-                  out_channels: int) -> Optional[str]:
+                  out_channels: int, pool_shortcut: bool = False
+                  ) -> Optional[str]:
   """Which skip path a block gets under shortcut option A/B/C/D."""
   shape_changes = stride != 1 or in_channels != out_channels
   if kind == 'C':
     return 'conv'
   if not shape_changes:
     return None
+  if pool_shortcut and in_channels == out_channels:
+    return 'subsample'
   return {'A': 'A', 'B': 'conv', 'D': 'avgpool_conv'}[kind]
 
 
@@ -200,6 +220,8 @@ class ResNet(nn.Module):
                             spec.param_dtype)
 
     x = Stem(spec.stem, spec.stem_width, spec.preact, spec.padding, conv, norm,
+             norm_act=spec.has_stem_norm, use_bias='stem' in spec.conv_bias,
+             input_norm=spec.input_norm, pool_padding=spec.pool_padding,
              name='stem')(x)
     x = layers.fusion_barrier(x)
     # Not 'stem': a sown name may not repeat a submodule's name in one scope.
@@ -208,7 +230,7 @@ class ResNet(nn.Module):
     for stage, depth in enumerate(spec.depths):
       out_channels = spec.stage_out_channels(stage)
       for index in range(depth):
-        stride = spec.stage_strides[stage] if index == 0 else 1
+        stride = spec.block_stride(stage, index)
         x = ResidualBlock(
             block=spec.block,
             out_channels=out_channels,
@@ -218,11 +240,12 @@ class ResNet(nn.Module):
             stride_in=spec.stride_in,
             preact=spec.preact,
             shortcut_mode=shortcut_mode(spec.shortcut, stride, in_channels,
-                                        out_channels),
+                                        out_channels, spec.pool_shortcut),
             zero_pad=spec.zero_pad,
             zero_init_last_bn=spec.zero_init_last_bn,
             conv=conv,
             norm=norm,
+            conv_bias=spec.conv_bias,
             name=f'stage{stage + 1}_block{index}')(x)
         x = layers.fusion_barrier(x)
         in_channels = out_channels

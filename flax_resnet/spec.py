@@ -22,6 +22,11 @@ SHORTCUTS = ('A', 'B', 'C', 'D')
 STRIDE_IN = ('1x1', '3x3')
 PADDINGS = ('torch', 'same')
 ZERO_PAD_PLACEMENTS = ('both', 'after')
+# Convs that may carry a bias: the stem, a block's convs by our names, and the
+# projection shortcut (Keras: every conv; Gluon BottleneckV1: conv1, conv3).
+CONV_BIAS_PLACES = ('stem', 'conv1', 'conv2', 'conv3', 'shortcut')
+STRIDE_BLOCKS = ('first', 'last')
+POOL_PADDINGS = ('-inf', 'zeros')
 DTYPES = {
     'float32': jnp.float32,
     'bfloat16': jnp.bfloat16,
@@ -63,7 +68,8 @@ class ResNetSpec:
     depths: blocks per stage.
     widths: the 'planes' of each stage (torchvision's naming). A stage's output
       has widths[i] * expansion channels (expansion 4 for bottlenecks).
-    strides: spatial stride of each stage's first block.
+    strides: spatial stride of each stage (carried by its first block, or its
+      last with stride_block='last').
     groups: grouped-conv cardinality of the 3x3 (ResNeXt).
     width_per_group: bottleneck width per group; 64 is plain ResNet, 128 with
       groups=1 is wide_resnet*_2.
@@ -87,6 +93,25 @@ class ResNetSpec:
     dtype: compute dtype. param_dtype: parameter (and BN statistics) dtype.
     reference: the reference implementation whose layout this net must match
       (a key of flax_resnet.references), or None.
+    conv_bias: the convs that carry a bias, named by place: 'stem', 'conv1',
+      'conv2', 'conv3' (a block's convs) and 'shortcut' (the projection).
+      Keras applications put one on every conv; Gluon's BottleneckV1 on its
+      two 1x1s (conv1, conv3).
+    input_norm: normalise the raw image with a BatchNorm that has neither
+      scale nor shift, only running statistics (Gluon V2's first layer,
+      `BatchNorm(scale=False, center=False)`).
+    stem_norm: BN + ReLU after the stem conv. None: unless preact (a
+      pre-activation net normalises in its first block). Gluon V2 has it
+      although pre-activation; Keras ResNetV2 has not.
+    stride_block: which block of a stage carries the stage's stride: 'first'
+      (everyone) or 'last' (Keras ResNetV2, whose stage outputs are then
+      28/14/7/7 at 224 with strides (2, 2, 2, 1)).
+    pool_shortcut: a block that strides without changing its channels gets a
+      parameter-free 1x1 max-pool with the stride (x[::s, ::s], Keras
+      ResNetV2) as shortcut, instead of a projection.
+    pool_padding: what the stem max-pool pads with: '-inf' (torch, Gluon) or
+      'zeros' (Keras' ZeroPadding2D before a VALID pool). The two agree after a
+      ReLU, so they differ only where the stem has no BN + ReLU (Keras V2).
   """
 
   block: str = 'bottleneck'
@@ -109,6 +134,12 @@ class ResNetSpec:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   reference: Optional[str] = None
+  conv_bias: tuple[str, ...] = ()
+  input_norm: bool = False
+  stem_norm: Optional[bool] = None
+  stride_block: str = 'first'
+  pool_shortcut: bool = False
+  pool_padding: str = '-inf'
 
   @property
   def expansion(self) -> int:
@@ -119,6 +150,15 @@ class ResNetSpec:
     if self.strides is not None:
       return tuple(self.strides)
     return (1,) + (2,) * (len(self.depths) - 1)
+
+  @property
+  def has_stem_norm(self) -> bool:
+    return (not self.preact) if self.stem_norm is None else self.stem_norm
+
+  def block_stride(self, stage: int, index: int) -> int:
+    """Spatial stride of block `index` of `stage` (see stride_block)."""
+    strided = 0 if self.stride_block == 'first' else self.depths[stage] - 1
+    return self.stage_strides[stage] if index == strided else 1
 
   def stage_out_channels(self, stage: int) -> int:
     return self.widths[stage] * self.expansion
@@ -230,8 +270,10 @@ class ResNetSpec:
       raise ValueError(f'bn_eps={self.bn_eps} must be positive.')
     if self.reference is not None and not isinstance(self.reference, str):
       raise ValueError(f'reference={self.reference!r} must be a string or None.')
+    _check_reference_fields(self)
     return dataclasses.replace(
         self,
+        conv_bias=tuple(self.conv_bias),
         depths=tuple(self.depths),
         widths=tuple(self.widths),
         strides=None if self.strides is None else tuple(self.strides),
@@ -249,6 +291,45 @@ def _is_int(value) -> bool:
 def _is_real(value) -> bool:
   return isinstance(value, (int, float, np.integer, np.floating)) and (
       not isinstance(value, (bool, np.bool_)))
+
+
+def _check_reference_fields(spec: ResNetSpec) -> None:
+  """The fields that make a net exactly Gluon's or Keras' one."""
+  bias = spec.conv_bias
+  if isinstance(bias, str) or not isinstance(bias, (tuple, list)):
+    raise ValueError(
+        f'conv_bias={bias!r} must be a tuple of places, e.g. (\'conv1\', '
+        f"'conv3'); choose from {_choices(CONV_BIAS_PLACES)}.")
+  unknown = [b for b in bias if b not in CONV_BIAS_PLACES]
+  if unknown:
+    raise ValueError(
+        f'conv_bias={tuple(bias)!r}: {_choices(unknown)} is not a place; '
+        f'choose from {_choices(CONV_BIAS_PLACES)}.')
+  if 'conv3' in bias and spec.block != 'bottleneck':
+    raise ValueError(
+        "conv_bias names 'conv3', but a basic block has only conv1 and "
+        "conv2; drop 'conv3' or use block='bottleneck'.")
+  for field in ('input_norm', 'pool_shortcut'):
+    if not isinstance(getattr(spec, field), bool):
+      raise ValueError(f'{field}={getattr(spec, field)!r} must be True or '
+                       'False.')
+  if spec.stem_norm is not None and not isinstance(spec.stem_norm, bool):
+    raise ValueError(f'stem_norm={spec.stem_norm!r} must be True, False or '
+                     'None (BN + ReLU unless preact).')
+  for field, valid in (('stride_block', STRIDE_BLOCKS),
+                       ('pool_padding', POOL_PADDINGS)):
+    if getattr(spec, field) not in valid:
+      raise ValueError(f'{field}={getattr(spec, field)!r} is not valid; '
+                       f'choose one of {_choices(valid)}.')
+  if spec.pool_padding != '-inf' and spec.stem == 'cifar':
+    raise ValueError(
+        f"pool_padding={spec.pool_padding!r} has no effect: the 'cifar' stem "
+        "has no max-pool. Leave pool_padding='-inf'.")
+  if spec.pool_shortcut and spec.shortcut != 'B':
+    raise ValueError(
+        f'pool_shortcut=True replaces the projections of option B where only '
+        f"the stride changes; it has no meaning with shortcut="
+        f"{spec.shortcut!r}. Use shortcut='B'.")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

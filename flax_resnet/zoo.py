@@ -70,13 +70,43 @@ for _d in _IMAGENET_DEPTHS:
   if _d != 200:
     PRESETS[f'resnet{_d}_v2'] = _imagenet(_d, preact=True,
                                           reference='gluon_v2')
+# Exact library networks: the layout above plus every convention that changes
+# the weights, so each library's own files load (flax_resnet.convert).
+# Gluon model zoo V1: BottleneckV1's two 1x1 convs carry biases.
+for _d in (18, 34, 50, 101, 152):
+  PRESETS[f'gluon_resnet{_d}_v1'] = _imagenet(
+      _d, stride_in='1x1' if _d >= 50 else '3x3',
+      conv_bias=('conv1', 'conv3') if _d >= 50 else (),
+      reference='gluon_v1')
+# Gluon model zoo V2: a scale- and shift-free BatchNorm on the raw image, and
+# BN + ReLU after the stem conv although the blocks are pre-activation.
+for _d in (18, 34, 50, 101, 152):
+  PRESETS[f'gluon_resnet{_d}_v2'] = _imagenet(
+      _d, preact=True, input_norm=True, stem_norm=True, reference='gluon_v2')
+# keras.applications ResNet50/101/152 (true v1): every conv has a bias.
+_KERAS_BN = dict(bn_eps=1.001e-5, bn_momentum=0.99)
+for _d in (50, 101, 152):
+  PRESETS[f'keras_resnet{_d}'] = _imagenet(
+      _d, stride_in='1x1',
+      conv_bias=('stem', 'conv1', 'conv2', 'conv3', 'shortcut'),
+      reference='keras', **_KERAS_BN)
+# keras.applications ResNet50V2/101V2/152V2: the stride on the last block of
+# stages 1-3 with a max-pool shortcut, no BN/ReLU in the stem (so its max-pool
+# sees negative values and zero padding matters), biases on the stem, the
+# projection and each block's last conv.
+for _d in (50, 101, 152):
+  PRESETS[f'keras_resnet{_d}_v2'] = _imagenet(
+      _d, preact=True, stem_norm=False, strides=(2, 2, 2, 1),
+      stride_block='last', pool_shortcut=True, pool_padding='zeros',
+      conv_bias=('stem', 'conv3', 'shortcut'), reference='keras_v2',
+      **_KERAS_BN)
 # CIFAR paper nets.
 for _d in (20, 32, 44, 56, 110, 1202):
   PRESETS[f'resnet{_d}'] = _cifar(_d, reference='paper')
 PRESETS['preact_resnet110'] = _cifar(110, preact=True, reference=None)
 PRESETS['preact_resnet164'] = _cifar_preact_bottleneck(164)
 
-del _d
+del _d, _KERAS_BN
 
 
 def list_models() -> list[str]:

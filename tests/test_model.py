@@ -345,3 +345,144 @@ def test_forward_macs_match_torchvision_ops(name, gmacs):
   # torchvision's weights meta `_ops` (GFLOPS) rounds to 3 decimals.
   assert round(cost.model_cost(name)['macs'] / 1e9, 4 if gmacs < 1 else 3) == (
       gmacs)
+
+
+# ------------------------------------- exact Gluon / Keras nets (spec fields)
+
+# Trainable counts the libraries report for their own nets (Gluon
+# collect_params() with grad_req != 'null', Keras trainable_weights); the
+# reference tables hold the same figures, extracted from the libraries.
+LIBRARY_TRAINABLE = {
+    'gluon_resnet18_v1': 11_689_512,
+    'gluon_resnet50_v1': 25_575_912,
+    'gluon_resnet18_v2': 11_687_848,
+    'gluon_resnet50_v2': 25_549_480,
+    'keras_resnet50': 25_583_592,
+    'keras_resnet50_v2': 25_568_360,
+}
+
+
+@pytest.mark.parametrize('name', sorted(LIBRARY_TRAINABLE))
+def test_exact_presets_have_the_librarys_trainable_count(name):
+  assert param_count(flax_resnet.create_model(name), 224) == \
+      LIBRARY_TRAINABLE[name]
+
+
+def test_existing_presets_are_unchanged_by_the_new_fields():
+  for name in ('resnet50', 'resnet50_v1', 'resnet50_v2', 'resnet18'):
+    spec = flax_resnet.get_spec(name)
+    assert (spec.conv_bias, spec.input_norm, spec.stem_norm,
+            spec.stride_block, spec.pool_shortcut, spec.pool_padding) == (
+                (), False, None, 'first', False, '-inf'), name
+
+
+def test_conv_bias_puts_a_bias_exactly_where_named():
+  variables = jax.eval_shape(lambda: flax_resnet.create_model(
+      'gluon_resnet50_v1').init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  block = variables['params']['stage1_block0']
+  assert 'bias' in block['conv1'] and 'bias' in block['conv3']
+  assert 'bias' not in block['conv2'] and 'bias' not in block['shortcut'][
+      'conv']
+  assert 'bias' not in variables['params']['stem']['conv1']
+
+
+def test_input_norm_has_statistics_but_no_parameters():
+  variables = jax.eval_shape(lambda: flax_resnet.create_model(
+      'gluon_resnet18_v2').init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert 'input_bn' not in variables['params']['stem']
+  assert set(variables['batch_stats']['stem']['input_bn']) == {'mean', 'var'}
+  assert 'bn1' in variables['params']['stem']  # Gluon V2's stem BN
+
+
+def test_stride_in_last_block_with_pool_shortcut():
+  derived = layout_lib.layout_of('keras_resnet50_v2')
+  strided = [(b.stage, b.index) for b in derived.blocks
+             if b.stride_at != 'none']
+  assert strided == [(1, 2), (2, 3), (3, 5)]
+  assert [b.shortcut for b in derived.blocks if b.stride_at != 'none'] == [
+      'subsample'] * 3
+  assert [b.out_size[0] for b in derived.blocks if b.index == 0] == [
+      56, 28, 14, 7]
+  assert derived.blocks[-1].out_size == (7, 7)
+
+
+def test_subsample_shortcut_takes_every_other_pixel_of_the_raw_input():
+  x = jax.random.normal(jax.random.key(1), (1, 9, 9, 4))
+  shortcut = layers.Shortcut('subsample', 4, 2, None, None)
+  np.testing.assert_array_equal(shortcut.apply({}, x), x[:, ::2, ::2, :])
+
+
+def _keras_v1_stem(x, kernel, bias):
+  """Keras ResNet50's stem as written there: ZeroPadding2D(3), a VALID
+  7x7/2 conv, ZeroPadding2D(1), then a VALID 3x3/2 max-pool (BN omitted;
+  a ReLU stands where BN + ReLU are)."""
+  x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
+  x = jax.lax.conv_general_dilated(
+      x, kernel, (2, 2), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+  x = jax.nn.relu(x)
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
+                               (1, 2, 2, 1), 'VALID')
+
+
+@pytest.mark.parametrize('size', [224, 97, 30])
+def test_keras_v1_stem_padding_equals_symmetric_padding(size):
+  # The Keras stem pads explicitly and convolves VALID; ours pads the conv
+  # symmetrically and the pool with -inf. Proven equal numerically, at even
+  # and odd sizes (after the ReLU, zero padding equals -inf padding).
+  rng = jax.random.key(2)
+  x = jax.random.normal(rng, (2, size, size, 3))
+  kernel = jax.random.normal(jax.random.key(3), (7, 7, 3, 8)) * 0.1
+  bias = jax.random.normal(jax.random.key(4), (8,))
+  conv = layers.make_conv('torch', jnp.float32, jnp.float32)
+
+  class Stem(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = conv(8, 7, 2, use_bias=True, name='conv')(x)
+      return layers.MaxPool(3, 2, 'torch', 'zeros')(nn.relu(x))
+
+  ours = Stem().apply({'params': {'conv': {'kernel': kernel, 'bias': bias}}},
+                      x)
+  ours_inf = layers.MaxPool(3, 2).apply({}, nn.relu(
+      conv(8, 7, 2, use_bias=True, name='c').apply(
+          {'params': {'kernel': kernel, 'bias': bias}}, x)))
+  keras = _keras_v1_stem(x, kernel, bias)
+  np.testing.assert_allclose(ours, keras, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ours, ours_inf)
+
+
+def test_zero_padded_max_pool_differs_only_without_a_relu():
+  x = -jnp.abs(jax.random.normal(jax.random.key(5), (1, 8, 8, 2))) - 1.0
+  zeros = layers.MaxPool(3, 2, 'torch', 'zeros').apply({}, x)
+  neg_inf = layers.MaxPool(3, 2).apply({}, x)
+  assert float(zeros[0, 0, 0, 0]) == 0.0  # the padded zero wins the border
+  assert float(neg_inf[0, 0, 0, 0]) < 0.0
+  np.testing.assert_array_equal(zeros[:, 1:, 1:], neg_inf[:, 1:, 1:])
+  relu = nn.relu(x)
+  np.testing.assert_array_equal(
+      layers.MaxPool(3, 2, 'torch', 'zeros').apply({}, relu),
+      layers.MaxPool(3, 2).apply({}, relu))
+
+
+@pytest.mark.parametrize('overrides,field', [
+    (dict(conv_bias=('conv4',)), 'conv_bias'),
+    (dict(conv_bias='stem'), 'conv_bias'),
+    (dict(block='basic', depths=(2, 2, 2, 2), conv_bias=('conv3',)),
+     'conv3'),
+    (dict(stride_block='middle'), 'stride_block'),
+    (dict(pool_padding='reflect'), 'pool_padding'),
+    (dict(input_norm=1), 'input_norm'),
+    (dict(stem_norm='yes'), 'stem_norm'),
+    (dict(pool_shortcut=True, shortcut='A'), 'pool_shortcut'),
+])
+def test_bad_exactness_fields_name_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field):
+    flax_resnet.get_spec('resnet50', **overrides)
+
+
+def test_zero_padded_pool_without_a_pool_is_refused():
+  with pytest.raises(ValueError, match="'cifar' stem has no max-pool"):
+    flax_resnet.get_spec('resnet20', pool_padding='zeros')

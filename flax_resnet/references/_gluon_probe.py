@@ -4,7 +4,7 @@ Runs under its own interpreter (MXNet 1.9.1 needs numpy<1.24, so it lives in a
 separate virtualenv), hence this file imports nothing but mxnet, numpy and the
 standard library. `extract.py` starts it as a subprocess:
 
-    /work/mxvenv/bin/python _gluon_probe.py [--size=224] [--out=FILE] \
+    $FLAX_RESNET_MXNET_PYTHON _gluon_probe.py [--size=224] [--out=FILE] \
         resnet50_v1 [resnet50_v2 ...]
 
 For each model it builds `mxnet.gluon.model_zoo.vision.<name>()` with random
@@ -130,6 +130,9 @@ def probe(name, input_size):
       'input_size': input_size,
       'events': events,
       'total_params': _trainable(net.collect_params()),
+      # Everything save_parameters writes: BN running statistics too.
+      'library_total_params': sum(int(p.data().size) for p in
+                                  net.collect_params().values()),
   }
 
 
