@@ -726,3 +726,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == '__main__':
   sys.exit(main())
+
+
+# --------------------------------------------------------- the single loader
+
+
+def load_weights(source: StateDictLike, model: ModelLike,
+                 **overrides: Any) -> dict[str, Any]:
+  """Flax variables for `model` from a weights file or a state_dict.
+
+  TEMP (branch i13): the format-detecting loader is being built on another
+  branch; this stand-in handles what `torch_to_flax` handles (.pth/.pt/.bin,
+  .safetensors, a mapping of torchvision/timm names) and takes its keyword
+  arguments (skip_head, strict, base, rng) plus ResNetSpec overrides.
+  """
+  return torch_to_flax(source, model, **overrides)
