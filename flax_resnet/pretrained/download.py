@@ -121,42 +121,43 @@ def _download(url: str, directory: pathlib.Path, progress: bool,
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-  directory.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.download-',
-                             suffix='.part')
-  tmp_path = pathlib.Path(tmp)
-  try:
-    with os.fdopen(fd, 'wb') as out:
-      request = urllib.request.Request(
-          url, headers={'User-Agent': 'flax_resnet'})
-      with urllib.request.urlopen(request, timeout=timeout) as response:
-        length = response.headers.get('Content-Length')
-        total = int(length) if length and length.isdigit() else None
+  request = urllib.request.Request(url, headers={'User-Agent': 'flax_resnet'})
+  # Connect first: an unreachable host leaves nothing behind, not even a folder.
+  with urllib.request.urlopen(request, timeout=timeout) as response:
+    length = response.headers.get('Content-Length')
+    total = int(length) if length and length.isdigit() else None
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.download-',
+                               suffix='.part')
+    tmp_path = pathlib.Path(tmp)
+    try:
+      with os.fdopen(fd, 'wb') as out, tqdm(
+          total=total, unit='B', unit_scale=True, unit_divisor=1024,
+          desc=url.rsplit('/', 1)[-1], disable=not progress,
+          leave=False) as bar:
         received = 0
-        with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
-                  desc=url.rsplit('/', 1)[-1], disable=not progress,
-                  leave=False) as bar:
-          while True:
-            try:
-              chunk = response.read(1 << 20)
-            except http.client.IncompleteRead as e:
-              out.write(e.partial)
-              received += len(e.partial)
-              chunk = b''
-            if not chunk:
-              break
-            out.write(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
+        while True:
+          try:
+            chunk = response.read(1 << 20)
+          except http.client.IncompleteRead as e:
+            received += len(e.partial)
+            raise DownloadError(
+                f'the transfer ended after {received:,} of '
+                f'{received + (e.expected or 0):,} bytes') from None
+          if not chunk:
+            break
+          out.write(chunk)
+          received += len(chunk)
+          bar.update(len(chunk))
         if total is not None and received != total:
           raise DownloadError(
               f'the transfer ended after {received:,} of {total:,} bytes')
-      out.flush()
-      os.fsync(out.fileno())
-    return tmp_path
-  except BaseException:
-    tmp_path.unlink(missing_ok=True)
-    raise
+        out.flush()
+        os.fsync(out.fileno())
+      return tmp_path
+    except BaseException:
+      tmp_path.unlink(missing_ok=True)
+      raise
 
 
 def _extract(archive: pathlib.Path, member: str,
