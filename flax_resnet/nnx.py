@@ -13,6 +13,7 @@ computes exactly what `ResNet.apply` computes: its `params` become
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -30,6 +31,13 @@ def _example_shape(spec) -> tuple[int, int, int, int]:
   return (1, size, size, 3)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(module: LinenResNet):
+  """One compiled init per net, instead of an eager op per initialiser."""
+  example = jnp.zeros(_example_shape(module.spec), jnp.float32)
+  return jax.jit(lambda key: module.init(key, example, train=False))
+
+
 class ResNet(nnx.Module):
   """A flax_resnet.ResNet (Linen) held as NNX state.
 
@@ -44,10 +52,7 @@ class ResNet(nnx.Module):
     self.spec = module.spec
     self.linen = bridge.ToNNX(module, rngs=rngs)
     if variables is None:
-      # One jitted init instead of an eager op per initialiser.
-      variables = jax.jit(lambda key: module.init(
-          key, jnp.zeros(_example_shape(module.spec), jnp.float32),
-          train=False))(rngs.params())
+      variables = _jitted_init(module)(rngs.params())
     self.load_variables(variables)
 
   def load_variables(self, variables: Mapping[str, Any]) -> None:
