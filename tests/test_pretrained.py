@@ -20,6 +20,7 @@ import pytest
 import flax_resnet
 from flax_resnet import convert, pretrained
 from flax_resnet.pretrained import ChecksumMismatch, DownloadError, Weights
+from flax_resnet.references import torchvision_source
 from flax_resnet.train import config_check, loop
 from fault_config import get_config as fault_config_base
 from flax_resnet.zoo import PRESETS
@@ -391,6 +392,26 @@ def test_every_torchvision_preset_has_its_published_weights():
       assert 60 < w.top1 < 90
   assert flax_resnet.list_pretrained('resnet50', publisher='torchvision')[
       1].top1 == 80.858
+
+
+def test_torchvision_entries_equal_torchvisions_own_weight_tables():
+  """URL and acc@1 of every entry, read from torchvision's resnet.py."""
+  try:
+    resnet = torchvision_source.load_resnet_module()
+  except FileNotFoundError as e:
+    pytest.skip(f'no torchvision wheel: {e}')
+  enums = {name[:-len('_Weights')].lower(): enum
+           for name, enum in vars(resnet).items()
+           if name.endswith('_Weights') and name != 'Weights'}
+  published = {}
+  for preset, enum in enums.items():
+    for member in enum:
+      published[(preset, member.name)] = (
+          member.value.url, member.value.meta['_metrics']['ImageNet-1K'][
+              'acc@1'])
+  ours = {w.key: (w.url, w.top1)
+          for w in flax_resnet.list_pretrained(publisher='torchvision')}
+  assert ours == published
 
 
 def test_timm_entries_point_at_the_hub():
