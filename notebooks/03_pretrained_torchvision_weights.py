@@ -213,7 +213,28 @@ assert weights.IMAGENET1K_V2.value.transforms.keywords == {
     'crop_size': 224, 'resize_size': 232}
 
 # %% [markdown]
-# On a machine with internet access, fetch the file once, by either route:
+# `flax_resnet.load_pretrained` knows these files: its registry holds the
+# same URLs and top-1 figures, and the sha256 prefix each file name carries
+# (which torchvision checks, and so does the download here).
+
+# %%
+for entry in flax_resnet.list_pretrained('resnet50', publisher='torchvision'):
+  published = getattr(weights, entry.tag).value
+  assert entry.url == published.url
+  assert entry.top1 == published.meta['_metrics']['ImageNet-1K']['acc@1']
+  print(f'{entry.tag}: {entry.checksum}  {entry.top1}%  {entry.url}')
+
+# %% [markdown]
+# With network, one call downloads (once, into `~/.cache/flax_resnet`),
+# checks and converts:
+#
+# ```python
+# model, variables = flax_resnet.load_pretrained('resnet50', 'IMAGENET1K_V2')
+# ```
+#
+# Without network on the training machine, fetch the file elsewhere and
+# place it where the error message says (or pass its path instead of the
+# tag). To fetch it with PyTorch instead:
 #
 # ```python
 # import torch, torchvision
@@ -240,7 +261,7 @@ assert weights.IMAGENET1K_V2.value.transforms.keywords == {
 # is what the training configs' default `mean_rgb` / `std_rgb` do; the V2
 # weights were evaluated after resizing to 232 and centre-cropping 224
 # (V1: 256 and 224). Keep the default `padding='torch'` (section 4 of
-# `01_shortcuts_and_strides.ipynb` shows what `'same'` does to these
+# `01_shortcuts_and_strides.py` shows what `'same'` does to these
 # weights). The same works for every torchvision preset (`resnet18` ...
 # `wide_resnet101_2`) and for timm's `resnet50d`; `.safetensors` files load
 # the same way, and Hugging Face `transformers` ResNet files after
