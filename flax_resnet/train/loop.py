@@ -158,13 +158,25 @@ def evaluate(eval_step, state, eval_iterator, mesh) -> dict[str, float]:
 
 
 def _load_init_weights(config, spec, state):
-  """config.init_from: a torchvision .pth/.safetensors or an orbax workdir."""
-  from flax_resnet import convert  # pylint: disable=g-import-not-at-top
+  """config.init_from: a weights file, a URL, a registry tag or a workdir.
+
+  Registry tags and URLs go through `flax_resnet.pretrained` (cached,
+  checksummed downloads), exactly as `load_pretrained(config.model, ...)`.
+  """
+  from flax_resnet import convert, pretrained  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(config.init_from)
   if not os.path.exists(path):
-    raise config_check.ConfigError(
-        f'config.init_from: {path} does not exist; give a torchvision '
-        '.pth/.safetensors file or a training workdir.')
+    try:
+      path = str(pretrained.resolve(config.model, config.init_from)[0])
+    except (pretrained.DownloadError, pretrained.ChecksumMismatch) as e:
+      raise config_check.ConfigError(f'config.init_from: {e}') from None
+    except ValueError:
+      tags = ', '.join(w.tag for w in pretrained.list_pretrained(config.model))
+      raise config_check.ConfigError(
+          f'config.init_from: {path} does not exist; give a torchvision '
+          '.pth/.safetensors file, a training workdir, an http(s) URL or a '
+          f'registry tag ({tags or "none registered for " + config.model}; '
+          'python -m flax_resnet.pretrained lists them).') from None
   if os.path.isdir(path):
     ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(
         os.path.join(path, 'checkpoints')) else path
@@ -183,8 +195,8 @@ def _load_init_weights(config, spec, state):
     mgr.close()
   else:
     try:
-      variables = convert.torch_to_flax(path, spec,
-                                        skip_head=config.init_from_skip_head)
+      variables = convert.load_weights(path, spec,
+                                       skip_head=config.init_from_skip_head)
     except convert.StateDictMismatch as e:
       raise config_check.ConfigError(
           f'config.init_from: {path} does not fit model {config.model!r} '

@@ -1,0 +1,474 @@
+"""load_pretrained / list_pretrained / the weights cache, against a loopback
+HTTP server on 127.0.0.1 that serves files the tests write."""
+
+import ast
+import hashlib
+import http.server
+import importlib.util
+import io
+import os
+import pathlib
+import socket
+import threading
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_resnet
+from flax_resnet import convert, pretrained
+from flax_resnet.pretrained import ChecksumMismatch, DownloadError, Weights
+from flax_resnet.references import torchvision_source
+from flax_resnet.train import config_check, loop
+from fault_config import get_config as fault_config_base
+from flax_resnet.zoo import PRESETS
+
+PRESET = 'resnet20'
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  """Serves server.files[path] = (body, how); how is 'ok' or 'truncate'
+  (announces the full Content-Length, sends half, closes)."""
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.server.requests.append(self.path)
+    if self.path not in self.server.files:
+      self.send_error(404)
+      return
+    body, how = self.server.files[self.path]
+    self.send_response(200)
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    if how == 'truncate':
+      self.wfile.write(body[:len(body) // 2])
+      self.wfile.flush()
+      self.close_connection = True
+      return
+    self.wfile.write(body)
+
+  def log_message(self, *args):
+    pass
+
+
+class LoopbackServer:
+
+  def __init__(self):
+    self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+    self.httpd.files = {}
+    self.httpd.requests = []
+    self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                   daemon=True)
+    self.thread.start()
+    self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+
+  def serve(self, path, body, how='ok'):
+    self.httpd.files[path] = (body, how)
+    return self.url + path
+
+  @property
+  def requests(self):
+    return self.httpd.requests
+
+  def stop(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+  s = LoopbackServer()
+  yield s
+  s.stop()
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+  root = tmp_path / 'cache'
+  monkeypatch.setenv('FLAX_RESNET_CACHE', str(root))
+  monkeypatch.delenv('FLAX_RESNET_MIRROR', raising=False)
+  return root
+
+
+@pytest.fixture
+def registered():
+  """Registers entries for one test and removes them afterwards."""
+  added = []
+
+  def add(entry):
+    added.append(entry.key)
+    return pretrained.register(entry)
+
+  yield add
+  for preset, tag in added:
+    pretrained.unregister(preset, tag)
+
+
+@pytest.fixture(scope='module')
+def weights_file(tmp_path_factory):
+  """(bytes, variables) of a torchvision-format resnet20 .safetensors file."""
+  model = flax_resnet.create_model(PRESET)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)),
+                                           train=False))(jax.random.key(7))
+  path = tmp_path_factory.mktemp('w') / 'resnet20.safetensors'
+  convert.save_safetensors(variables, PRESET, path)
+  return path.read_bytes(), variables
+
+
+def sha256(data):
+  return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root):
+  return sorted(str(p.relative_to(root)) for p in root.rglob('*')
+                if p.is_file()) if root.exists() else []
+
+
+def assert_same_variables(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- downloads
+
+
+def test_registry_tag_downloads_once_then_loads(server, registered,
+                                                weights_file, cache):
+  data, variables = weights_file
+  url = server.serve('/models/resnet20-abc.safetensors', data)
+  registered(Weights(PRESET, 'TEST_V1', url, 'sha256:' + sha256(data)[:8],
+                     None, 'user', num_classes=10))
+  model, loaded = flax_resnet.load_pretrained(PRESET, 'TEST_V1',
+                                              progress=False)
+  assert model.spec.num_classes == 10
+  assert_same_variables(loaded, variables)
+  port = server.url.rsplit(':', 1)[1]
+  assert files_under(cache) == [
+      f'weights/127.0.0.1_{port}/models/resnet20-abc.safetensors']
+  flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  assert len(server.requests) == 1  # the second call used the cache
+
+
+def test_cache_hit_with_the_server_gone(server, registered, weights_file):
+  data, variables = weights_file
+  url = server.serve('/r20.safetensors', data)
+  registered(Weights(PRESET, 'TEST_V1', url, sha256(data), None, 'user',
+                     num_classes=10))
+  flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  server.stop()
+  _, loaded = flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  assert_same_variables(loaded, variables)
+
+
+def test_corrupted_download_is_discarded(server, registered, weights_file,
+                                         cache):
+  data, _ = weights_file
+  corrupted = bytearray(data)
+  corrupted[len(data) // 2] ^= 0xFF
+  url = server.serve('/r20.safetensors', bytes(corrupted))
+  registered(Weights(PRESET, 'TEST_V1', url, 'sha256:' + sha256(data), None,
+                     'user', num_classes=10))
+  with pytest.raises(ChecksumMismatch) as e:
+    flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  message = str(e.value)
+  assert f'has sha256 {sha256(bytes(corrupted))}' in message
+  assert f'but {sha256(data)} was expected' in message
+  assert 'nothing was kept' in message
+  assert files_under(cache) == []  # neither the file nor a temporary one
+
+
+def test_caller_checksum_mismatch(server, weights_file, cache):
+  data, _ = weights_file
+  url = server.serve('/r20.safetensors', data)
+  wrong = '0' * 64
+  with pytest.raises(ChecksumMismatch) as e:
+    flax_resnet.load_pretrained(PRESET, url, sha256=wrong, progress=False)
+  assert f'has sha256 {sha256(data)}, but {wrong} was expected' in str(e.value)
+  assert files_under(cache) == []
+  # The right checksum (a prefix, as torchvision's file names carry) loads.
+  flax_resnet.load_pretrained(PRESET, url, sha256=sha256(data)[:10],
+                              progress=False)
+
+
+def test_interrupted_transfer_keeps_no_half_file(server, weights_file, cache):
+  data, variables = weights_file
+  url = server.serve('/r20.safetensors', data, how='truncate')
+  dest = pretrained.cache_path(url)
+  with pytest.raises(DownloadError) as e:
+    flax_resnet.load_pretrained(PRESET, url, progress=False)
+  message = str(e.value)
+  assert f'cannot download {url}' in message
+  assert f'ended after {len(data) // 2:,} of {len(data):,} bytes' in message
+  assert str(dest) in message
+  assert files_under(cache) == []
+  server.serve('/r20.safetensors', data)  # the server recovers: so does a run
+  _, loaded = flax_resnet.load_pretrained(PRESET, url, progress=False)
+  assert_same_variables(loaded, variables)
+
+
+def test_offline_without_cache_fails_with_one_message(registered, cache,
+                                                      weights_file):
+  url = f'http://127.0.0.1:{free_port()}/models/resnet20-0123abcd.safetensors'
+  registered(Weights(PRESET, 'TEST_V1', url, 'sha256:0123abcd', None, 'user',
+                     num_classes=10))
+  with pytest.raises(DownloadError) as e:
+    flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  dest = pretrained.cache_path(url)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'cannot download {url}: ')
+  assert f'place it at {dest} (sha256:0123abcd)' in message
+  assert e.value.__cause__ is None and e.value.__suppress_context__
+  assert files_under(cache) == []
+  # Doing what the message says works without network.
+  data, variables = weights_file
+  dest.parent.mkdir(parents=True)
+  dest.write_bytes(data)
+  registered(Weights(PRESET, 'TEST_V2', url, sha256(data), None, 'user',
+                     num_classes=10))
+  _, loaded = flax_resnet.load_pretrained(PRESET, 'TEST_V2', progress=False)
+  assert_same_variables(loaded, variables)
+
+
+def test_a_damaged_cached_file_is_named_not_trusted(server, registered,
+                                                    weights_file):
+  data, _ = weights_file
+  url = server.serve('/r20.safetensors', data)
+  registered(Weights(PRESET, 'TEST_V1', url, sha256(data), None, 'user',
+                     num_classes=10))
+  path, _ = pretrained.resolve(PRESET, 'TEST_V1', progress=False)
+  path.write_bytes(data[:100])
+  with pytest.raises(ChecksumMismatch) as e:
+    flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  assert f'the cached file {path} has sha256' in str(e.value)
+  assert 'delete it to download again' in str(e.value)
+
+
+def test_mirror_serves_registry_urls(server, registered, weights_file,
+                                     monkeypatch):
+  data, variables = weights_file
+  origin = 'https://weights.example.invalid/models/r20.safetensors'
+  server.serve('/weights.example.invalid/models/r20.safetensors', data)
+  registered(Weights(PRESET, 'TEST_V1', origin, sha256(data), None, 'user',
+                     num_classes=10))
+  monkeypatch.setenv('FLAX_RESNET_MIRROR', server.url + '/')
+  path, _ = pretrained.resolve(PRESET, 'TEST_V1', progress=False)
+  assert path == pretrained.cache_path(origin)  # cached under the origin
+  _, loaded = flax_resnet.load_pretrained(PRESET, 'TEST_V1', progress=False)
+  assert_same_variables(loaded, variables)
+
+
+def test_zip_member_with_sha1_as_the_gluon_zoo_serves(server):
+  params = b'\x12\x01\x00\x00\x00\x00\x00\x00' + bytes(range(256)) * 4
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, 'w') as zf:
+    zf.writestr('resnet9_v1-0123abcd.params', params)
+  url = server.serve('/gluon/models/resnet9_v1-0123abcd.zip',
+                     buffer.getvalue())
+  sha1 = hashlib.sha1(params).hexdigest()
+  path = pretrained.fetch(url, checksum=f'sha1:{sha1}',
+                          member='resnet9_v1-0123abcd.params', progress=False)
+  assert path.name == 'resnet9_v1-0123abcd.params'
+  assert path.read_bytes() == params
+  assert [p.name for p in path.parent.iterdir()] == [path.name]  # zip gone
+
+
+# ------------------------------------------------------------------- sources
+
+
+def test_local_path_and_url_sources(server, weights_file, tmp_path):
+  data, variables = weights_file
+  local = tmp_path / 'mine.safetensors'
+  local.write_bytes(data)
+  _, from_path = flax_resnet.load_pretrained(PRESET, str(local))
+  assert_same_variables(from_path, variables)
+  _, from_url = flax_resnet.load_pretrained(
+      PRESET, server.serve('/mine.safetensors', data), progress=False)
+  assert_same_variables(from_url, variables)
+  with pytest.raises(ChecksumMismatch):
+    flax_resnet.load_pretrained(PRESET, local, sha256='f' * 64)
+
+
+def test_num_classes_gives_a_fresh_head_and_skip_head_works(weights_file,
+                                                            tmp_path):
+  data, variables = weights_file
+  local = tmp_path / 'mine.safetensors'
+  local.write_bytes(data)
+  model, loaded = flax_resnet.load_pretrained(PRESET, local, num_classes=3)
+  assert model.spec.num_classes == 3
+  assert loaded['params']['fc']['kernel'].shape == (64, 3)
+  body = lambda v: {k: x for k, x in v['params'].items() if k != 'fc'}
+  assert_same_variables(body(loaded), body(variables))
+  assert_same_variables(loaded['batch_stats'], variables['batch_stats'])
+  _, kept = flax_resnet.load_pretrained(PRESET, local, skip_head=True)
+  assert_same_variables(body(kept), body(variables))
+  assert not np.array_equal(kept['params']['fc']['kernel'],
+                            variables['params']['fc']['kernel'])
+  logits = model.apply(loaded, jnp.ones((2, 32, 32, 3)), train=False)
+  assert logits.shape == (2, 3)
+
+
+def test_unknown_tag_names_the_registered_ones():
+  with pytest.raises(ValueError) as e:
+    flax_resnet.load_pretrained('resnet50', 'IMAGENET1K_V3')
+  message = str(e.value)
+  assert "Did you mean 'IMAGENET1K_V1'" in message or (
+      "Did you mean 'IMAGENET1K_V2'" in message)
+  assert 'IMAGENET1K_V2' in message and 'a1_in1k' in message
+
+
+def test_init_from_accepts_a_registry_tag_and_a_url(server, registered,
+                                                    tmp_path):
+  config = fault_config_base()
+  spec = config_check.validate_config(config)
+  model = flax_resnet.ResNet(spec)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)),
+                                           train=False))(jax.random.key(3))
+  path = tmp_path / 'r20.safetensors'
+  convert.save_safetensors(variables, spec, path)
+  data = path.read_bytes()
+  url = server.serve('/r20_small.safetensors', data)
+  registered(Weights('resnet20', 'TEST_SMALL', url, sha256(data), None,
+                     'user', num_classes=10))
+  state = jax.tree.map(jnp.zeros_like, {'params': variables['params'],
+                                        'batch_stats': variables[
+                                            'batch_stats']})
+
+  class State(dict):
+    params = property(lambda self: self['params'])
+    batch_stats = property(lambda self: self['batch_stats'])
+
+    def replace(self, **kw):
+      return State({**self, **kw})
+
+  for source in ('TEST_SMALL', url):
+    config.init_from = source
+    new = loop._load_init_weights(config, spec, State(state))  # pylint: disable=protected-access
+    assert_same_variables({'params': new.params,
+                           'batch_stats': new.batch_stats},
+                          {'params': variables['params'],
+                           'batch_stats': variables['batch_stats']})
+  config.init_from = 'NO_SUCH_TAG'
+  with pytest.raises(config_check.ConfigError) as e:
+    loop._load_init_weights(config, spec, State(state))  # pylint: disable=protected-access
+  assert 'does not exist; give a torchvision .pth/.safetensors' in str(e.value)
+  assert 'TEST_SMALL' in str(e.value)
+  config.init_from = f'http://127.0.0.1:{free_port()}/gone.pth'
+  with pytest.raises(config_check.ConfigError) as e:
+    loop._load_init_weights(config, spec, State(state))  # pylint: disable=protected-access
+  assert str(e.value).startswith(f'config.init_from: cannot download '
+                                 f'{config.init_from}')
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_every_torchvision_preset_has_its_published_weights():
+  torchvision = [n for n, s in PRESETS.items() if s.reference == 'torchvision']
+  with_v2 = {'resnet50', 'resnet101', 'resnet152', 'resnext50_32x4d',
+             'resnext101_32x8d', 'wide_resnet50_2', 'wide_resnet101_2'}
+  for name in torchvision:
+    tags = {w.tag: w for w in flax_resnet.list_pretrained(name)
+            if w.publisher == 'torchvision'}
+    assert set(tags) == ({'IMAGENET1K_V1', 'IMAGENET1K_V2'} if name in with_v2
+                         else {'IMAGENET1K_V1'}), name
+    for w in tags.values():
+      file = w.url.rsplit('/', 1)[1]
+      assert w.url == f'https://download.pytorch.org/models/{file}'
+      assert file.startswith(name + '-')
+      # torchvision's check_hash: the file name carries a sha256 prefix.
+      assert w.checksum == 'sha256:' + file[len(name) + 1:-len('.pth')]
+      assert 60 < w.top1 < 90
+  assert flax_resnet.list_pretrained('resnet50', publisher='torchvision')[
+      1].top1 == 80.858
+
+
+def test_torchvision_entries_equal_torchvisions_own_weight_tables():
+  """URL and acc@1 of every entry, read from torchvision's resnet.py."""
+  try:
+    resnet = torchvision_source.load_resnet_module()
+  except FileNotFoundError as e:
+    pytest.skip(f'no torchvision wheel: {e}')
+  enums = {name[:-len('_Weights')].lower(): enum
+           for name, enum in vars(resnet).items()
+           if name.endswith('_Weights') and name != 'Weights'}
+  published = {}
+  for preset, enum in enums.items():
+    for member in enum:
+      published[(preset, member.name)] = (
+          member.value.url, member.value.meta['_metrics']['ImageNet-1K'][
+              'acc@1'])
+  ours = {w.key: (w.url, w.top1)
+          for w in flax_resnet.list_pretrained(publisher='torchvision')}
+  assert ours == published
+
+
+def test_timm_entries_point_at_the_hub():
+  timm = flax_resnet.list_pretrained(publisher='timm')
+  assert ('resnet50', 'a1_in1k') in {w.key for w in timm}
+  for w in timm:
+    assert w.preset in PRESETS
+    assert w.url == (f'https://huggingface.co/timm/{w.preset}.{w.tag}/'
+                     'resolve/main/model.safetensors')
+    assert w.checksum is None and w.top1 is None  # timm publishes neither
+  # timm's own name works as the tag too.
+  assert pretrained._registry_entry('resnet50', 'resnet50.a1_in1k') is (  # pylint: disable=protected-access
+      pretrained.REGISTRY[('resnet50', 'a1_in1k')])
+
+
+def test_gluon_entries_as_model_store_names_them():
+  gluon = flax_resnet.list_pretrained(publisher='gluon')
+  assert {w.preset for w in gluon} == {
+      f'gluon_resnet{d}_v{v}' for d in (18, 34, 50, 101, 152) for v in (1, 2)}
+  for w in gluon:
+    algorithm, sha1 = w.checksum.split(':')
+    name = w.preset[len('gluon_'):]
+    assert algorithm == 'sha1' and len(sha1) == 40
+    assert w.url == ('https://apache-mxnet.s3-accelerate.dualstack.amazonaws'
+                     f'.com/gluon/models/{name}-{sha1[:8]}.zip')
+    assert w.member == f'{name}-{sha1[:8]}.params'
+
+
+def test_keras_entries_match_the_installed_keras():
+  spec = importlib.util.find_spec('keras')
+  if spec is None:
+    pytest.skip('keras is not installed')
+  source = pathlib.Path(spec.origin).parent / 'src/applications/resnet.py'
+  tree = ast.parse(source.read_text())
+  hashes = next(ast.literal_eval(node.value) for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and
+                getattr(node.targets[0], 'id', '') == 'WEIGHTS_HASHES')
+  keras = flax_resnet.list_pretrained(publisher='keras')
+  assert len(keras) == 6
+  for w in keras:
+    keras_name = w.preset[len('keras_'):].replace('_v2', 'v2')
+    assert w.checksum == 'md5:' + hashes[keras_name][0]
+    assert w.url == ('https://storage.googleapis.com/tensorflow/'
+                     f'keras-applications/resnet/{keras_name}_weights_tf_dim_'
+                     'ordering_tf_kernels.h5')
+
+
+def test_list_pretrained_prints_a_table():
+  table = pretrained.format_table(flax_resnet.list_pretrained('resnet50'))
+  lines = table.splitlines()
+  assert lines[0].split() == ['preset', 'tag', 'top-1', 'checksum', 'url']
+  assert any('IMAGENET1K_V2' in l and '80.858' in l and 'sha256:11ad3fa6' in l
+             and l.endswith('resnet50-11ad3fa6.pth') for l in lines)
+
+
+def test_a_malformed_checksum_is_refused_before_any_transfer(server):
+  url = server.serve('/x.pth', b'x')
+  with pytest.raises(ValueError, match='is not a hex digest'):
+    pretrained.fetch(url, checksum='sha256:xyz', progress=False)
+  assert server.requests == []
