@@ -1,4 +1,4 @@
-"""The XLA:CPU fast paths of layers.py compute exactly what XLA's own ops do."""
+"""The XLA:CPU fast paths of flax_resnet.cpu compute exactly what XLA's own ops do."""
 
 import functools
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flax_resnet import layers
+from flax_resnet.cpu import xla_conv
 from flax_resnet.train import steps
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -19,7 +20,7 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 def conv_pair(stride, kernel, padding):
   stock = functools.partial(lax.conv_general_dilated, window_strides=stride,
                             padding=padding, dimension_numbers=NHWC)
-  ours = functools.partial(layers.conv_general_dilated, window_strides=stride,
+  ours = functools.partial(xla_conv.conv_general_dilated, window_strides=stride,
                            padding=padding, dimension_numbers=NHWC)
   return stock, ours
 
