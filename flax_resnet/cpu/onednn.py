@@ -12,7 +12,7 @@ keyed by the source, jaxlib and oneDNN versions, then loaded with ctypes:
 building at first use rather than at `pip install` keeps the project a plain
 pure-Python package (no build isolation pulling jaxlib, editable installs
 work) and always matches the jaxlib that is installed. `python -m
-flax_resnet.cpu.onednn` builds it ahead of time and prints where it is. Where
+flax_resnet.cpu` builds it ahead of time and prints where it is. Where
 it cannot be built (no compiler, no oneDNN wheel, not x86-64 Linux) the model
 still works with XLA's convolutions, after one warning line.
 FLAX_RESNET_ONEDNN=0 switches it off.
@@ -289,7 +289,3 @@ def main() -> None:
     print(f'error: oneDNN extension: {_failure}', file=sys.stderr)
     sys.exit(1)
   print(f'{path} (oneDNN {version()})')
-
-
-if __name__ == '__main__':
-  main()
