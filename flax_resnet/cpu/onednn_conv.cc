@@ -126,6 +126,7 @@ std::unique_ptr<Conv> Build(const Geometry& s) {
 }
 
 std::mutex cache_mutex;
+std::mutex execute_mutex;
 std::unordered_map<std::string, std::unique_ptr<Conv>>& Cache() {
   static auto* cache =
       new std::unordered_map<std::string, std::unique_ptr<Conv>>();
@@ -211,6 +212,11 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b,
              pad_top,    pad_bottom, pad_left,  pad_right,  groups};
   try {
     const Conv& conv = Lookup(s);
+    // XLA's thunk executor runs independent ops at once (a conv's input and
+    // kernel gradients, say). Each oneDNN call already spreads over every
+    // OpenMP thread; two at once would put two thread teams on the same
+    // cores, spinning at each other's barriers. So they take turns.
+    std::lock_guard<std::mutex> one_at_a_time(execute_mutex);
     dnnl::stream stream(Engine());
     if (kind == Kind::kForward) {
       memory kernel = Wrap(conv.kernel_user, b.untyped_data());
