@@ -6,10 +6,15 @@ string padding and feature groups go to oneDNN on CPU when the extension is
 available (`onednn.py`); without it, 1x1 and strided convs keep XLA's forward
 with gradients laid out for XLA:CPU (`xla_conv.py`). Everything else, and
 every conv on GPU/TPU, is XLA's own.
+
+Skipped when more than one device takes part (several CPU devices in one
+process, or jax.distributed): XLA's SPMD partitioner knows no sharding rule
+for the custom calls and would gather the whole batch onto every device.
 """
 
 from __future__ import annotations
 
+import jax
 from jax import lax
 
 from flax_resnet.cpu import onednn
@@ -23,7 +28,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   no_dilation = all(
       d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   plain_nhwc = (
-      lhs.ndim == 4 and no_dilation and not kwargs and
+      jax.device_count() == 1 and lhs.ndim == 4 and no_dilation and not kwargs and
       lhs.dtype == rhs.dtype and
       lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                  dimension_numbers) == onednn.NHWC)

@@ -22,11 +22,12 @@ def compiler_options(platform: Optional[str] = None) -> Optional[dict]:
   """Options for `jax.jit(..., compiler_options=...)` of the model's steps.
 
   Only needed where XLA:CPU runs the convolutions itself (the oneDNN
-  extension unavailable): then XLA_CONV_COMPILER_OPTIONS. With oneDNN there
+  extension unavailable, or several devices: see conv.py): then
+  XLA_CONV_COMPILER_OPTIONS. With oneDNN there
   are no XLA convolutions left to steer, and XLA's defaults measured faster
   (BENCHMARKS.md); None on other platforms.
   """
   platform = platform or jax.default_backend()
-  if platform != 'cpu' or onednn.available():
+  if platform != 'cpu' or (onednn.available() and jax.device_count() == 1):
     return None
   return dict(XLA_CONV_COMPILER_OPTIONS)
