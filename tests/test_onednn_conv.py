@@ -209,3 +209,24 @@ def test_without_the_extension_one_warning_line_and_xla_convs(tmp_path):
   warnings = [l for l in result.stderr.splitlines() if 'oneDNN' in l]
   assert len(warnings) == 1, result.stderr
   assert 'oneDNN convolutions unavailable' in warnings[0]
+
+
+@needs_onednn
+def test_several_devices_keep_xla_convs():
+  # XLA's SPMD partitioner has no rule for the custom calls: with more than
+  # one device the model keeps XLA's convolutions (and stays sharded).
+  script = (
+      'import jax, jax.numpy as jnp\n'
+      'from flax_resnet import cpu\n'
+      'assert jax.device_count() == 2\n'
+      'f = jax.jit(lambda x, k: cpu.conv_general_dilated(x, k, (1, 1), '
+      "'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
+      'hlo = f.lower(jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 2))).as_text()\n'
+      "assert 'flax_resnet_onednn' not in hlo and 'convolution' in hlo\n"
+      "print('ok')\n")
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run([sys.executable, '-c', script], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == 'ok'
