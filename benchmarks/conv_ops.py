@@ -1,13 +1,14 @@
-"""One 3x3 convolution layer, forward + both gradients: XLA:CPU against PyTorch.
+"""One 3x3 conv layer, forward + both gradients: XLA:CPU, oneDNN, PyTorch.
 
   python benchmarks/conv_ops.py
 
 For the 3x3 conv shapes of resnet20 (batch 128) and resnet50 (batch 16), times
 the forward pass and the input and weight gradients as XLA:CPU compiles them
 (with steps.compiler_options(), as the train step does) and a PyTorch
-channels_last Conv2d forward+backward, alternating, median of --repeats. The
-ratio says how much of the train-step gap is the convolution kernels
-themselves, which no change to the model can reach.
+channels_last Conv2d forward+backward, alternating, median of --repeats; and
+the same through the model's conv (`flax_resnet.cpu.conv_general_dilated`:
+oneDNN via jax.ffi). The ratios say how much of the train-step gap is the
+convolution kernels themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from flax_resnet import cpu
+from flax_resnet.cpu import xla_conv
 from flax_resnet.train import steps
 
 # (batch, size, in_channels, out_channels, stride)
@@ -42,23 +45,24 @@ SHAPES = {
 }
 
 
-def _conv(x, kernel, stride):
-  return lax.conv_general_dilated(x, kernel, (stride, stride),
-                                  ((1, 1), (1, 1)),
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+def _conv(x, kernel, stride, conv_fn=lax.conv_general_dilated):
+  return conv_fn(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def jax_step(batch, size, cin, cout, stride):
+def jax_step(batch, size, cin, cout, stride, conv_fn=lax.conv_general_dilated,
+             compiler_options=None):
   """Forward, input gradient and weight gradient, as in a train step."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
 
   def fwd_bwd(x, kernel):
-    y, vjp = jax.vjp(functools.partial(_conv, stride=stride), x, kernel)
+    y, vjp = jax.vjp(functools.partial(_conv, stride=stride,
+                                       conv_fn=conv_fn), x, kernel)
     return y, vjp(jnp.ones_like(y))
 
-  fn = jax.jit(fwd_bwd, compiler_options=steps.compiler_options())
+  fn = jax.jit(fwd_bwd, compiler_options=compiler_options)
   jax.block_until_ready(fn(x, kernel))
   return lambda: jax.block_until_ready(fn(x, kernel))
 
@@ -85,7 +89,12 @@ def main(argv=None) -> None:
   rows = []
   for net in args.nets.split(','):
     for shape in SHAPES[net]:
-      contestants = {'jax': jax_step(*shape), 'torch': torch_step(*shape)}
+      contestants = {
+          # XLA's convolutions, as the train step ran them before oneDNN.
+          'jax': jax_step(*shape, conv_fn=xla_conv.conv_general_dilated,
+                          compiler_options=steps.CPU_COMPILER_OPTIONS),
+          'onednn': jax_step(*shape, conv_fn=cpu.conv_general_dilated),
+          'torch': torch_step(*shape)}
       times = {name: [] for name in contestants}
       for _ in range(args.repeats):
         for name, fn in contestants.items():
@@ -93,10 +102,13 @@ def main(argv=None) -> None:
           fn()
           times[name].append(1e3 * (time.perf_counter() - start))
       jax_ms = statistics.median(times['jax'])
+      onednn_ms = statistics.median(times['onednn'])
       torch_ms = statistics.median(times['torch'])
       rows.append({'net': net, 'shape': shape, 'jax_ms': round(jax_ms, 2),
+                   'onednn_ms': round(onednn_ms, 2),
                    'torch_ms': round(torch_ms, 2),
-                   'jax_over_torch_time': round(jax_ms / torch_ms, 2)})
+                   'jax_over_torch_time': round(jax_ms / torch_ms, 2),
+                   'onednn_over_torch_time': round(onednn_ms / torch_ms, 2)})
       print(json.dumps(rows[-1]), flush=True)
 
 

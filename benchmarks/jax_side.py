@@ -15,9 +15,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import flax_resnet
 from flax_resnet import layers
+from flax_resnet.cpu import xla_conv
 from flax_resnet.train import optim
 from flax_resnet.train import steps as steps_lib
 from flax_resnet.train.config import default_config
@@ -28,26 +30,43 @@ class Variant:
   """How our step is built, so each speed-up can be switched off.
 
   compiler_options: XLA options passed to jax.jit.
-  cpu_gradients: flax_resnet.layers' XLA:CPU gradients (1x1 convs as dots,
+  cpu_gradients: flax_resnet.cpu's XLA:CPU gradients (1x1 convs as dots,
     strided convs by phases, max-pool by masks); False swaps in plain
     lax.conv_general_dilated / nn.max_pool.
   fusion_barriers: layers.fusion_barrier as it is; False makes it identity.
+  onednn: convolutions through the oneDNN extension (flax_resnet.cpu.onednn);
+    False keeps XLA's convolutions with the cpu_gradients rewrites.
+  user_jit: not the project's train_step but what a user writes after the
+    README's "Use the models": a plain jax.jit of model.apply + optax, no
+    compiler options, no donation.
   """
   compiler_options: tuple[tuple[str, str], ...]
   cpu_gradients: bool
   fusion_barriers: bool
+  onednn: bool = True
+  user_jit: bool = False
 
 
 _TUNED_OPTIONS = tuple(sorted(steps_lib.CPU_COMPILER_OPTIONS.items()))
+_SHIPPED_OPTIONS = tuple(sorted((steps_lib.compiler_options('cpu') or {}).items()))
 VARIANTS = {
     # The step before the performance work.
-    'stock': Variant((), False, False),
+    'stock': Variant((), False, False, onednn=False),
     # + steps.compiler_options(): no YNNPACK convolutions.
-    'flags': Variant(_TUNED_OPTIONS, False, False),
-    # + the XLA:CPU gradients of layers.py (1x1, strided conv, max-pool).
-    'grads': Variant(_TUNED_OPTIONS, True, False),
-    # + fusion barriers: the model as it ships.
-    'tuned': Variant(_TUNED_OPTIONS, True, True),
+    'flags': Variant(_TUNED_OPTIONS, False, False, onednn=False),
+    # + the XLA:CPU gradients (1x1, strided conv, max-pool).
+    'grads': Variant(_TUNED_OPTIONS, True, False, onednn=False),
+    # + fusion barriers: the project's loop before oneDNN (commit 4a99299).
+    'xla_tuned': Variant(_TUNED_OPTIONS, True, True, onednn=False),
+    # The same, in a user's plain jax.jit: what users got before oneDNN.
+    'user_jit_xla': Variant((), True, True, onednn=False, user_jit=True),
+    # + oneDNN convolutions: the project's loop as it ships (it passes
+    # steps.compiler_options(): none, once oneDNN runs the convolutions).
+    'tuned': Variant(_SHIPPED_OPTIONS, True, True),
+    # The model as it ships in a user's plain jax.jit + optax step.
+    'user_jit': Variant((), True, True, user_jit=True),
+    # Ablations of the model as it ships.
+    'user_jit_no_barriers': Variant((), True, False, user_jit=True),
 }
 
 
@@ -55,12 +74,15 @@ VARIANTS = {
 def model_variant(variant: Variant):
   """While tracing, switches off the model-side speed-ups variant lacks."""
   with contextlib.ExitStack() as stack:
+    if variant.cpu_gradients and not variant.onednn:
+      stack.enter_context(mock.patch.object(
+          layers, 'conv_general_dilated', xla_conv.conv_general_dilated))
     if not variant.cpu_gradients:
       plain_pool = lambda x, window, stride, pads: nn.max_pool(
           x, (window,) * 2, (stride,) * 2, pads)
       stack.enter_context(mock.patch.object(
           layers, 'conv_general_dilated', lax.conv_general_dilated))
-      stack.enter_context(mock.patch.object(layers, '_max_pool', plain_pool))
+      stack.enter_context(mock.patch.object(layers, 'max_pool', plain_pool))
     if not variant.fusion_barriers:
       stack.enter_context(mock.patch.object(
           layers, 'fusion_barrier', lambda x: x))
@@ -113,6 +135,9 @@ class JaxContestant:
                            mask=jnp.ones((case.batch_size,), jnp.bool_))
     self._variant = variant
     options = dict(variant.compiler_options) or None
+    if variant.user_jit:
+      self._user_steps(model, case)
+      return
     self.train_step = jax.jit(
         functools.partial(steps_lib.train_step, num_classes=case.num_classes,
                           label_smoothing=0.0, learning_rate_fn=schedule),
@@ -120,6 +145,45 @@ class JaxContestant:
     self.eval_step = jax.jit(
         functools.partial(steps_lib.eval_step, num_classes=case.num_classes),
         compiler_options=options)
+
+  def _user_steps(self, model, case):
+    """The steps a user writes from the README, on the same state and batch.
+
+    Same optimizer as the project's (SGD momentum 0.9, lr 0.1, decay 1e-4 on
+    conv/dense kernels), written with plain optax; plain jax.jit.
+    """
+    params = self.state.params
+    tx = optax.chain(
+        optax.add_decayed_weights(
+            1e-4, mask=jax.tree.map(lambda p: p.ndim > 1, params)),
+        optax.sgd(0.1, momentum=0.9))
+    self.state = (params, self.state.batch_stats, tx.init(params))
+
+    @jax.jit
+    def train_step(state, batch):
+      params, batch_stats, opt_state = state
+
+      def loss_fn(params):
+        logits, updates = model.apply(
+            {'params': params, 'batch_stats': batch_stats}, batch['image'],
+            train=True, mutable=['batch_stats'])
+        loss = optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch['label']).mean()
+        return loss, updates['batch_stats']
+
+      (loss, batch_stats), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), batch_stats,
+              opt_state), loss
+
+    @jax.jit
+    def eval_step(state, batch):
+      params, batch_stats, _ = state
+      return model.apply({'params': params, 'batch_stats': batch_stats},
+                         batch['image'], train=False)
+
+    self.train_step, self.eval_step = train_step, eval_step
 
   def compile(self) -> dict[str, float]:
     """Seconds to trace+lower and to compile each step (cache hits count)."""
@@ -129,11 +193,13 @@ class JaxContestant:
       start = time.perf_counter()
       with model_variant(self._variant):
         lowered = fn.lower(self.state, batch)
-      middle = time.perf_counter()
+      middle, middle_cpu = time.perf_counter(), time.process_time()
       lowered.compile()
-      end = time.perf_counter()
+      end, end_cpu = time.perf_counter(), time.process_time()
       times[f'{name}_lower_s'] = round(middle - start, 2)
       times[f'{name}_compile_s'] = round(end - middle, 2)
+      # CPU seconds of all threads: less sensitive to other tenants.
+      times[f'{name}_compile_cpu_s'] = round(end_cpu - middle_cpu, 2)
     return times
 
   def train(self, steps: int) -> None:

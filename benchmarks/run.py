@@ -72,7 +72,8 @@ CASES = {
                      3),
 }
 
-VARIANT_NAMES = ('stock', 'flags', 'grads', 'tuned')  # jax_side.VARIANTS
+VARIANT_NAMES = ('stock', 'flags', 'grads', 'xla_tuned', 'user_jit_xla',
+                 'tuned', 'user_jit', 'user_jit_no_barriers')  # jax_side
 
 # Which generated input-pipeline case feeds which kind of net.
 PIPELINE_CASE = {32: 'cifar_png', 224: 'imagenet_jpeg'}
@@ -363,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--nets', default='resnet20,resnet20_B,resnet50',
                       help=f'comma-separated, of {", ".join(CASES)}')
-  parser.add_argument('--variants', default='stock,tuned',
+  parser.add_argument('--variants', default='user_jit_xla,tuned,user_jit',
                       help=f"JAX variants, of {', '.join(VARIANT_NAMES)} "
                       '(see jax_side.py)')
   parser.add_argument('--out', default=None, help='JSON result path')

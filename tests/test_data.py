@@ -718,3 +718,19 @@ def test_bad_config_fields_are_named(overrides, process_count, match):
   for make_iterator in (data.make_train_iterator, data.make_eval_iterator):
     with pytest.raises(ValueError, match=match):
       make_iterator(config, process_index=0, process_count=process_count)
+
+
+@pytest.mark.parametrize('shape', [(224, 224, 3), (5, 7, 3), (1, 1, 3)])
+def test_normalizer_rows_equal_the_plain_formula_bit_for_bit(shape):
+  options = preprocess.PreprocessOptions(
+      dataset='d', split='train', num_classes=10, image_size=shape[0],
+      augment='none', eval_crop_ratio=0.875,
+      mean_rgb=(123.675, 116.28, 103.53), std_rgb=(58.395, 57.12, 57.375))
+  image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  flipped = image[:, ::-1]  # what the random flip hands over: a view
+  got = preprocess._Normalizer(options)(flipped)
+  mean = np.asarray(options.mean_rgb, np.float32)
+  std = np.asarray(options.std_rgb, np.float32)
+  want = (flipped.astype(np.float32) - mean) / std
+  assert got.dtype == np.float32 and got.shape == shape
+  np.testing.assert_array_equal(got, want)

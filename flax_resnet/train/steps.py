@@ -12,25 +12,21 @@ import optax
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
+from flax_resnet import cpu
 
-# XLA:CPU hands every convolution with more than 16 channels to YNNPACK, whose
-# weight-gradient convolutions (a window as large as the image) run up to 10x
-# slower than XLA's own Eigen convolution; dots and reductions stay on
-# YNNPACK. Enum names as jaxlib 0.10.2 spells them (see BENCHMARKS.md).
-CPU_COMPILER_OPTIONS = {
-    'xla_cpu_experimental_ynn_fusion_type':
-        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
-}
+
+# XLA options for the steps on CPU: flax_resnet.cpu decides (only needed when
+# XLA runs the convolutions itself, without the oneDNN extension).
+CPU_COMPILER_OPTIONS = cpu.XLA_CONV_COMPILER_OPTIONS
 
 
 def compiler_options(platform: Optional[str] = None) -> Optional[dict]:
   """XLA options for jitting the steps: `jax.jit(..., compiler_options=...)`.
 
-  CPU_COMPILER_OPTIONS on CPU (platform defaults to jax.default_backend()),
-  None elsewhere.
+  See `flax_resnet.cpu.compiler_options`; None on GPU/TPU, and on CPU when
+  the oneDNN convolutions are in use.
   """
-  platform = platform or jax.default_backend()
-  return dict(CPU_COMPILER_OPTIONS) if platform == 'cpu' else None
+  return cpu.compiler_options(platform)
 
 
 class TrainState(train_state.TrainState):

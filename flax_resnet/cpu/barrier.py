@@ -1,0 +1,61 @@
+"""A fusion barrier for XLA:CPU: materialise a value once, exactly."""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+
+def _identity_xla_cannot_see_through(x):
+  # A stable sort on keys that are already in order: exactly x, but XLA's
+  # simplifier cannot prove it, so the conditional below survives.
+  keys = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return lax.sort((keys, x), dimension=0, num_keys=1)[1]
+
+
+def _materialize(x):
+  # A conditional is never fused, so its result is written to memory once and
+  # every consumer reads it there. The predicate only has to be unknown at
+  # compile time; both branches return x exactly.
+  first = x.reshape(-1)[0]
+  return lax.cond(jnp.isfinite(first), lambda x: x,
+                  _identity_xla_cannot_see_through, x)
+
+
+@jax.custom_vjp
+def _cpu_fusion_barrier(x):
+  return _materialize(x)
+
+
+def _cpu_fusion_barrier_fwd(x):
+  return _materialize(x), None
+
+
+def _cpu_fusion_barrier_bwd(_, grad):
+  # Materialising the cotangents too was measured slower (extra copies).
+  return (grad,)
+
+
+_cpu_fusion_barrier.defvjp(_cpu_fusion_barrier_fwd,
+                           _cpu_fusion_barrier_bwd)
+
+
+def fusion_barrier(x):
+  """Returns x, computed once into memory on XLA:CPU; a no-op elsewhere.
+
+  XLA:CPU duplicates elementwise producers into every consumer fusion. A
+  ResNet's residual stream is a chain of BatchNorm/add/ReLU across a whole
+  stage, so each weight-gradient transpose, ReLU mask and residual add of a
+  block recomputed the BatchNorms of all the blocks before it (half of a
+  resnet20 train step; see BENCHMARKS.md). `lax.optimization_barrier` does
+  not help: XLA:CPU expands it away before fusion. The model calls this on
+  every activation that feeds a convolution and on every block output.
+
+  Skipped when more than one device takes part: the predicate reads one
+  element, which on a sharded batch would cost a collective per call.
+  """
+  if jax.device_count() > 1:
+    return x
+  return lax.platform_dependent(x, cpu=_cpu_fusion_barrier,
+                                default=lambda x: x)
