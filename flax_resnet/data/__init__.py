@@ -8,14 +8,17 @@
       ...
 
 Importing this package registers the offline `sklearn_digits` TFDS dataset.
+Preparing datasets (CIFAR, ImageNet, your own image folder):
+`python -m flax_resnet.data.prepare NAME --data_dir DIR [--source PATH]`, or
+`flax_resnet.data.prepare.prepare(name, data_dir, source)`.
 """
 
+from flax_resnet.data import prepare
 from flax_resnet.data.digits import SklearnDigits
 from flax_resnet.data.pipeline import (TrainIterator, check_config,
                                        make_eval_iterator, make_train_iterator)
 from flax_resnet.data.sources import (SYNTHETIC, DatasetInfo,
-                                      DatasetNotFoundError, dataset_info,
-                                      prepare)
+                                      DatasetNotFoundError, dataset_info)
 
 __all__ = [
     'SYNTHETIC', 'DatasetInfo', 'DatasetNotFoundError', 'SklearnDigits',
