@@ -13,7 +13,6 @@ Preparing datasets (CIFAR, ImageNet, your own image folder):
 `flax_resnet.data.prepare.prepare(name, data_dir, source)`.
 """
 
-from flax_resnet.data import prepare
 from flax_resnet.data.digits import SklearnDigits
 from flax_resnet.data.pipeline import (TrainIterator, check_config,
                                        make_eval_iterator, make_train_iterator)
@@ -25,3 +24,12 @@ __all__ = [
     'TrainIterator', 'check_config', 'dataset_info', 'make_eval_iterator',
     'make_train_iterator', 'prepare',
 ]
+
+
+def __getattr__(name):
+  # `python -m flax_resnet.data.prepare` must find the module not yet
+  # imported (runpy warns otherwise), so it is loaded on first use here.
+  if name == 'prepare':
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module('flax_resnet.data.prepare')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -277,7 +277,8 @@ class _FolderFiles:
     return os.path.join(self.folder, file)
 
   def exists(self, file: str) -> bool:
-    return os.path.isfile(self.where(file))
+    path = self.where(file)
+    return os.path.exists(path) and not os.path.isdir(path)
 
   def size(self, file: str) -> int:
     return os.path.getsize(self.where(file))

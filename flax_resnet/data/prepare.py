@@ -147,7 +147,7 @@ def _make_builder(name, source, staging, data_dir):
           f'--source {source} is not an image folder (ROOT/train/CLASS/*.jpg)'
           f' and {name!r} is not a dataset prepare reads from a source'
           f'{known}. Leave out --source to download {name} with TFDS.')
-    if name in tfds.list_builders():
+    if name in tfds.list_builders(with_community_datasets=False):
       raise PrepareError(
           f'{name!r} is the name of a TFDS dataset; give your image folder '
           'another name, e.g. my_' + name)

@@ -20,7 +20,6 @@ import tensorflow_datasets as tfds
 
 from flax_resnet.data import digits
 from flax_resnet.data import image_folder
-from flax_resnet.data import prepare as prepare_lib
 
 SYNTHETIC = 'synthetic'
 # Datasets that `dataset_info` and the iterators build themselves when missing:
@@ -150,6 +149,13 @@ def open_source(config, split_field: str):
   return builder.as_data_source(split=split, decoders=decoders)
 
 
+def _prepare_lib():
+  # Imported on use: `python -m flax_resnet.data.prepare` must be able to run
+  # it as __main__ after this package is imported.
+  from flax_resnet.data import prepare  # pylint: disable=g-import-not-at-top
+  return prepare
+
+
 def _image_folder(config) -> image_folder.ImageFolder:
   """The folder of `folder:ROOT`, checked against config.num_classes."""
   try:
@@ -196,8 +202,8 @@ def _prepared_builder(name: str, data_dir: str | None):
         '`tfds.list_builders()`, e.g. cifar10 or imagenet2012.') from e
   if not builder.is_prepared() and builder.name in LOCAL_DATASETS:
     try:
-      prepare_lib.prepare(name, data_dir, progress=False)
-    except prepare_lib.PrepareError as e:
+      _prepare_lib().prepare(name, data_dir, progress=False)
+    except _prepare_lib().PrepareError as e:
       raise DatasetNotFoundError(f'config.dataset={name!r}: {e}') from e
     builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
@@ -208,7 +214,7 @@ def _prepared_builder(name: str, data_dir: str | None):
         f'Dataset {name!r} in {builder.data_dir} is stored as '
         f'{sorted(formats)}, but reading it without TensorFlow needs '
         f'{_FILE_FORMAT}. Prepare it again (move the old folder away first) '
-        'with\n  ' + prepare_lib.command(name, _display_data_dir(data_dir)))
+        'with\n  ' + _prepare_lib().command(name, _display_data_dir(data_dir)))
   return builder
 
 
@@ -221,22 +227,22 @@ def _how_to_prepare(builder, name: str, data_dir: str | None) -> str:
     return (f'{message}\nImageNet cannot be downloaded automatically:\n'
             '  1. get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
             'from https://image-net.org/download-images into one FOLDER\n'
-            '  2. run: ' + prepare_lib.command(name, shown_dir, 'FOLDER') +
+            '  2. run: ' + _prepare_lib().command(name, shown_dir, 'FOLDER') +
             '\n(about 150 GB of disk for the prepared dataset).')
   if builder.name in ('cifar10', 'cifar100'):
     number = builder.name[len('cifar'):]
     return (f'{message}\nPrepare it from the archive you have '
             f'(cifar-{number}-python.tar.gz, cifar-{number}-binary.tar.gz or '
             "torchvision's extracted folder):\n  " +
-            prepare_lib.command(name, shown_dir, 'PATH') +
-            '\nor download it:\n  ' + prepare_lib.command(name, shown_dir))
+            _prepare_lib().command(name, shown_dir, 'PATH') +
+            '\nor download it:\n  ' + _prepare_lib().command(name, shown_dir))
   manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
   if manual:
     return (f'{message}\nThis dataset needs a manual download into '
             f'{os.path.join(shown_dir, "downloads", "manual")}/:\n{manual}\n'
-            'then run: ' + prepare_lib.command(name, shown_dir))
+            'then run: ' + _prepare_lib().command(name, shown_dir))
   return (f'{message}\nDownload and prepare it with:\n  ' +
-          prepare_lib.command(name, shown_dir))
+          _prepare_lib().command(name, shown_dir))
 
 
 def _checked_builder(config):
