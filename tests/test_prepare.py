@@ -22,6 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import upstream_archives as ua
+from flax_resnet.data import cifar_source
 from flax_resnet.data import image_folder
 from flax_resnet.data import imagenet_source
 from flax_resnet.data import prepare as prepare_lib
@@ -545,3 +546,70 @@ print('NO_TF_OK')
   assert 'NO_TF_OK' in result.stdout, result.stderr[-3000:]
   for name in ('cifar100', 'imagenet2012', 'pets', 'sklearn_digits'):
     assert tfds.builder(name, data_dir=str(tmp_path / 'd')).is_prepared()
+
+
+def test_cifar_without_source_downloads_the_archive(tmp_path, monkeypatch):
+  """The download path, served from 127.0.0.1 (no real network)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import http.server  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  data = ua.cifar_data('cifar10', seed=11)
+  served = tmp_path / 'served'
+  served.mkdir()
+  ua.cifar_archive(served, 'cifar10', 'binary', data)
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                              directory=str(served))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    monkeypatch.setitem(
+        cifar_source.URLS, 'cifar10',
+        f'http://127.0.0.1:{server.server_port}/cifar-10-binary.tar.gz')
+    prepare('cifar10', tmp_path / 'data')
+  finally:
+    server.shutdown()
+  check_cifar('cifar10', tmp_path / 'data', data)
+  # The download is kept for a later prepare.
+  assert os.listdir(tmp_path / 'data' / 'downloads')
+
+
+def test_a_builder_that_needs_tensorflow_names_the_extra(tmp_path):
+  """TFDS's own builders encode numpy images with TF: say which extra."""
+  script = _NO_TF + f'''
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+class FrNumpyImages(tfds.core.GeneratorBasedBuilder):
+  VERSION = tfds.core.Version('1.0.0')
+  pkg_dir_path = epath.Path({str(tmp_path)!r})
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return epath.Path({str(tmp_path)!r}) / 'x.py'
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+        {{'image': tfds.features.Image(shape=(4, 4, 3)),
+         'label': tfds.features.ClassLabel(num_classes=2)}}))
+  def _split_generators(self, dl_manager):
+    return {{'train': self._generate_examples()}}
+  def _generate_examples(self):
+    for i in range(2):
+      yield i, {{'image': np.zeros((4, 4, 3), np.uint8), 'label': i}}
+
+from flax_resnet.data import prepare
+sys.exit(prepare.main(['fr_numpy_images', '--data_dir', {str(tmp_path / 'd')!r},
+                       '--no_progress']))
+'''
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO,
+                          env={**os.environ, 'PYTHONPATH': REPO},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr[-3000:]
+  assert lines[0].startswith("error: TFDS's fr_numpy_images builder needs "
+                             'tensorflow'), lines[0]
+  assert "pip install -e '.[build]'" in lines[0]
+  assert not [f for f in os.listdir(tmp_path / 'd') if f != 'downloads']

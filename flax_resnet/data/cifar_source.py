@@ -73,6 +73,9 @@ _PICKLE_LABELS = {'label': ('labels', 'fine_labels'),
 _PICKLE_NAMES = {'cifar10': {'label': 'label_names'},
                  'cifar100': {'label': 'fine_label_names',
                               'coarse_label': 'coarse_label_names'}}
+# What TFDS's cifar builders download (the binary archives).
+URLS = {'cifar10': 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz',
+        'cifar100': 'https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz'}
 NUM_CLASSES = {'cifar10': {'label': 10},
                'cifar100': {'label': 100, 'coarse_label': 20}}
 

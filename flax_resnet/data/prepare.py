@@ -128,7 +128,7 @@ def _make_builder(name, source, staging, data_dir):
   kwargs = {'data_dir': staging, 'file_format': FILE_FORMAT}
   if name in cifar_source.LAYOUTS:
     if source is None:
-      return _registered_builder(name, kwargs)
+      source = _download_cifar(name, data_dir)
     return builders.cifar_builder(name, cifar_source.CifarSource(name, source),
                                   **kwargs)
   if name == 'imagenet2012':
@@ -160,6 +160,15 @@ def _make_builder(name, source, staging, data_dir):
                          f'{shown}. Fix or remove them, then run again.')
     return builders.image_folder_builder(name, folder, **kwargs)
   return _registered_builder(name, kwargs)
+
+
+def _download_cifar(name: str, data_dir: str) -> str:
+  """TFDS downloads the binary archive (checksum-verified); its path."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  manager = tfds.download.DownloadManager(
+      download_dir=os.path.join(data_dir, 'downloads'), dataset_name=name,
+      url_infos=getattr(tfds.builder_cls(name), 'url_infos', None))
+  return os.fspath(manager.download(cifar_source.URLS[name]))
 
 
 def _registered_builder(name, kwargs):
@@ -196,17 +205,34 @@ def _download_and_prepare(builder, data_dir, progress):
         file_format=FILE_FORMAT, download_config=config,
         # Downloads outlive a failed or interrupted prepare.
         download_dir=os.path.join(data_dir, 'downloads'))
-  except ModuleNotFoundError as e:
-    missing = e.name or str(e)
-    if missing.split('.')[0] in ('tensorflow', 'apache_beam'):
-      extra = 'build' if missing.startswith('tensorflow') else 'beam'
-      raise PrepareError(
-          f'TFDS\'s {builder.name} builder needs {missing.split(".")[0]} '
-          f'to download and encode {builder.name}; install the `{extra}` '
-          f"extra: pip install -e '.[{extra}]' (cifar10, cifar100, "
-          'imagenet2012 and image folders with --source need neither).'
-      ) from e
-    raise
+  except Exception as e:  # pylint: disable=broad-except
+    missing = _missing_module(e)
+    if missing not in _EXTRAS:
+      raise
+    raise PrepareError(
+        f"TFDS's {builder.name} builder needs {missing} to prepare "
+        f'{builder.name}; install {_EXTRAS[missing]} (cifar10, cifar100, '
+        'imagenet2012 and image folders need neither).') from e
+
+
+# Optional packages some TFDS builders need, and how to install them.
+_EXTRAS = {'tensorflow': "the `build` extra: pip install -e '.[build]'",
+           'apache_beam': 'Apache Beam: pip install apache-beam'}
+
+
+def _missing_module(error: BaseException) -> Optional[str]:
+  """The top-level module whose absence caused `error` (TFDS re-wraps it)."""
+  import re  # pylint: disable=g-import-not-at-top
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, ModuleNotFoundError) and error.name:
+      return error.name.split('.')[0]
+    match = re.search(r"No module named '([\w.]+)'", str(error))
+    if match:
+      return match.group(1).split('.')[0]
+    error = error.__cause__ or error.__context__
+  return None
 
 
 # ---------------------------------------------------------------------------
