@@ -73,6 +73,7 @@ class SklearnDigits(builders.QuietBuilder, tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 1,797 real 8x8 handwritten digits (no download)."""
 
   VERSION = tfds.core.Version('1.0.0')
+  ORIGIN = "scikit-learn's copy (no download)"
   RELEASE_NOTES = {'1.0.0': 'Stratified 1,437 / 360 train / test split.'}
 
   # TFDS 4.9.10's default `code_path` needs the `importlib_resources` backport

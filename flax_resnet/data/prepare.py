@@ -91,8 +91,10 @@ def prepare(name: str, data_dir: Optional[str] = None,
         log(f'{name} is already prepared in {final}; nothing to do (delete '
             'that folder to prepare it again).')
         return final
-      log(f'preparing {name} {builder.version} into {final}'
-          + (f' from {source}' if source else ' (downloading)'))
+      origin = (f' from {source}' if source else
+                f' from {builder.ORIGIN}' if hasattr(builder, 'ORIGIN') else
+                ' (downloading)')
+      log(f'preparing {name} {builder.version} into {final}{origin}')
       builder.progress = bars.update
       _download_and_prepare(builder, data_dir, progress)
       bars.close()

@@ -352,9 +352,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   try:
     with _StopSignal() as stop, mesh:
+      compiled_step = None
       while step < total_steps:
         batch = next(prefetcher)
-        state, metrics = train_step(state, batch)
+        if compiled_step is None:
+          compiled_step = _compile(train_step, 'train step', is_lead, state,
+                                   batch)
+          state, metrics = compiled_step(state, batch)
+          jax.block_until_ready(metrics)
+          progress.begin(step + 1)  # the ETA leaves compilation out
+        else:
+          state, metrics = compiled_step(state, batch)
         window.append(metrics)
         step += 1
         at_eval = step % eval_every == 0 or step == total_steps
@@ -364,13 +372,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if step % config.log_every_steps == 0 or at_eval or at_ckpt or leaving:
           flush()
         if at_eval:
+          eval_started = time.time()
           last_eval = evaluate(eval_step, state, data_lib.make_eval_iterator(
               config, process_index=jax.process_index(),
               process_count=jax.process_count()), mesh)
           writer.write(step, last_eval)
-          if is_lead:
-            log.info('step %d: %s', step, ' '.join(
-                f'{k}={v:.4f}' for k, v in last_eval.items()))
+          progress.message(
+              f'eval at step {step}: top1={last_eval["eval_top1"]:.4f} '
+              f'top5={last_eval["eval_top5"]:.4f} '
+              f'loss={last_eval["eval_loss"]:.4f} '
+              f'({int(last_eval["eval_examples"])} examples, '
+              f'{time.time() - eval_started:.1f} s)')
           save({'eval_top1': last_eval['eval_top1']})
         elif at_ckpt:
           save()
@@ -378,12 +390,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if not (at_eval or at_ckpt):
             save()
           status = 'preempted'
-          log.warning('stopping early (%s): checkpoint at step %d written; '
-                      'rerun the same command to resume.',
-                      f'signal {stop.received}' if stop.received else
-                      'stop_after', step)
+          progress.message(
+              'stopping early ({}): checkpoint at step {} written; rerun the '
+              'same command to resume.'.format(
+                  f'signal {stop.received}' if stop.received else
+                  'stop_after', step), logging.WARNING)
           break
   finally:
+    # Stop the grain worker processes now: left to interpreter exit, they are
+    # joined after a long timeout and leak their shared memory.
+    train_iter.close()
     ckpt.close()
     progress.close()
     writer.close()
@@ -394,6 +410,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_lead:
     print(summary(result, total_steps))
   return result
+
+
+def _compile(jitted, what: str, is_lead: bool, *args):
+  """Compiles `jitted` for `args` ahead of time, saying so and how long."""
+  if is_lead:
+    print(f'compiling the {what} ...', flush=True)
+  started = time.time()
+  compiled = jitted.lower(*args).compile()
+  if is_lead:
+    print(f'compiled the {what} in {time.time() - started:.1f} s', flush=True)
+  return compiled
 
 
 def summary(result: RunResult, total_steps: int) -> str:
