@@ -353,6 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     with _StopSignal() as stop, mesh:
       compiled_step = None
+      if is_lead and step < total_steps:
+        print('starting the input pipeline' + (
+            f' ({config.worker_count} worker processes)'
+            if config.worker_count else '') + ' ...', flush=True)
       while step < total_steps:
         batch = next(prefetcher)
         if compiled_step is None:
@@ -373,9 +377,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           flush()
         if at_eval:
           eval_started = time.time()
-          last_eval = evaluate(eval_step, state, data_lib.make_eval_iterator(
+          eval_batches = iter(data_lib.make_eval_iterator(
               config, process_index=jax.process_index(),
-              process_count=jax.process_count()), mesh)
+              process_count=jax.process_count()))
+          try:
+            last_eval = evaluate(eval_step, state, eval_batches, mesh)
+          finally:
+            # Its worker processes and their shared memory go now, not at
+            # exit (where they leaked and delayed it).
+            getattr(eval_batches, 'close', lambda: None)()
           writer.write(step, last_eval)
           progress.message(
               f'eval at step {step}: top1={last_eval["eval_top1"]:.4f} '
