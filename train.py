@@ -42,7 +42,7 @@ class _QuietLibraries(std_logging.Filter):
   """Orbax logs every save step at INFO through absl; keep its warnings only."""
 
   def filter(self, record):
-    if 'has no dataset_info.json' in str(record.msg):
+    if 'has no dataset_info.json' in record.getMessage():
       return False  # TFDS, about a dataset that is about to be prepared
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname

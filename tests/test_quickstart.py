@@ -22,3 +22,71 @@ def test_quickstart_reaches_95_percent_held_out(tmp_path):
   print(f"quickstart: eval top-1 {result.eval_metrics['eval_top1']:.4f} "
         f'in {result.seconds:.1f} s')
   assert result.eval_metrics['eval_top1'] >= 0.95
+
+
+def run_in_terminal(args, columns, tmp_path, timeout=600):
+  """Runs train.py in a pseudo-terminal `columns` wide; returns its output."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import pty  # pylint: disable=g-import-not-at-top
+  import select  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import termios  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  pid, fd = pty.fork()
+  if pid == 0:
+    os.chdir(REPO)
+    os.environ['PYTHONPATH'] = str(REPO)
+    os.environ.pop('COLUMNS', None)
+    os.execv(sys.executable, [sys.executable, 'train.py', *args])
+  fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack('HHHH', 40, columns, 0, 0))
+  output, deadline = b'', time.time() + timeout
+  while time.time() < deadline:
+    ready, _, _ = select.select([fd], [], [], 1.0)
+    if not ready:
+      continue
+    try:
+      chunk = os.read(fd, 65536)
+    except OSError:
+      break
+    if not chunk:
+      break
+    output += chunk
+  _, status = os.waitpid(pid, 0)
+  return os.waitstatus_to_exitcode(status), output.decode(errors='replace')
+
+
+# absl's default: 'I1203 09:51:30.781724 140325148359552 loop.py:372] ...'
+ABSL_PREFIX = r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \S+:\d+\]'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('columns', [100, 0])
+def test_console_a_newcomer_reads(tmp_path, columns):
+  """Compile message and time, eval lines of their own, no absl prefixes."""
+  import re  # pylint: disable=g-import-not-at-top
+  rc, out = run_in_terminal([
+      '--config', 'tests/fault_config.py', '--workdir', str(tmp_path / 'run'),
+      f'--config.data_dir={tmp_path / "data"}', '--config.progress_bar=auto',
+      '--config.log_every_steps=4'], columns, tmp_path)
+  assert rc == 0, out[-3000:]
+  assert 'compiling the train step ...' in out
+  assert re.search(r'compiled the train step in \d+\.\d s', out)
+  assert not re.search(ABSL_PREFIX, out), out[-3000:]
+  assert 'resource_tracker' not in out
+  # Each eval line starts a line of its own (after the bar is cleared).
+  lines = [line.strip() for line in re.split(r'[\r\n]', out)]
+  evals = [line for line in lines if 'eval at step' in line]
+  assert len(evals) == 2, out[-3000:]
+  for line, step in zip(evals, (12, 24)):
+    assert re.fullmatch(rf'(\d\d:\d\d:\d\d )?eval at step {step}: top1=\S+ '
+                        r'top5=\S+ loss=\S+ \(360 examples, \d+\.\d s\)',
+                        line), line
+  assert not [line for line in lines if 'warning' in line.lower()], out
+  if columns:
+    assert re.search(r'\d+/24 \[', out)  # the bar
+  else:  # a terminal reporting 0 columns gets the plain train lines
+    assert re.search(r'step 24/24  loss=\S+ top1=\S+  eta 0:00:00', out)
+    assert re.search(r'step 4/24  loss=\S+ top1=\S+  eta \d:\d\d:\d\d', out)
+  assert '== completed at step 24/24' in out
