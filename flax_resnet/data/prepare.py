@@ -1,12 +1,14 @@
 """Prepare a dataset for training: TFDS array_record files, no TF or Beam.
 
-  python -m flax_resnet.data.prepare cifar10 --data_dir ~/tensorflow_datasets \
+  python -m flax_resnet.data.prepare cifar10 --data_dir ~/tensorflow_datasets
       [--source cifar-10-python.tar.gz]
-  python -m flax_resnet.data.prepare imagenet2012 --data_dir DIR \
+  python -m flax_resnet.data.prepare imagenet2012 --data_dir DIR
       --source FOLDER_WITH_THE_TWO_ILSVRC2012_TARS
   python -m flax_resnet.data.prepare my_photos --data_dir DIR --source ROOT
       (ROOT/train/CLASS/*.jpg, ROOT/val/CLASS/*.jpg)
-  python -m flax_resnet.data.prepare mnist --data_dir DIR   (downloads)
+  python -m flax_resnet.data.prepare mnist --data_dir DIR
+      (downloaded and built by TFDS's own builder; most need the `build`
+      extra, i.e. TensorFlow)
 
 `--source` takes what users have: CIFAR's binary or python archives or
 torchvision's extracted folders, ImageNet's two tars, an image folder. Without
