@@ -386,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             # Its worker processes and their shared memory go now, not at
             # exit (where they leaked and delayed it).
             getattr(eval_batches, 'close', lambda: None)()
+            data_lib.pipeline.release_shared_memory()
           writer.write(step, last_eval)
           progress.message(
               f'eval at step {step}: top1={last_eval["eval_top1"]:.4f} '
