@@ -85,4 +85,4 @@ def test_train_py_trains_from_the_prepared_dataset(tmp_path, case):
   evals = [r for r in records if 'eval_top1' in r]
   assert evals and evals[-1]['step'] == 3
   assert evals[-1]['eval_examples'] == num_eval  # every held-out example
-  assert f'completed at step 3/3' in result.stdout
+  assert 'completed at step 3/3' in result.stdout

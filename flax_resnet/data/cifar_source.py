@@ -102,7 +102,7 @@ class CifarSource:
 
   # -- finding the files ------------------------------------------------------
 
-  def _locate(self) -> tuple[_Layout, '_Files']:
+  def _locate(self) -> tuple[_Layout, '_FolderFiles | _TarFiles']:
     path = self.source
     if not os.path.exists(path):
       raise SourceError(f'--source {path} does not exist; give '

@@ -102,6 +102,8 @@ def prepare(name: str, data_dir: Optional[str] = None,
       bars.close()
       os.makedirs(os.path.dirname(final), exist_ok=True)
       os.rename(builder.data_dir, final)  # atomic: complete or absent
+    except PrepareError:
+      raise
     except SourceError as e:
       raise PrepareError(str(e)) from e
     except OSError as e:
