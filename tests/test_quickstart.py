@@ -31,30 +31,35 @@ def run_in_terminal(args, columns, tmp_path, timeout=600):
   import pty  # pylint: disable=g-import-not-at-top
   import select  # pylint: disable=g-import-not-at-top
   import struct  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import termios  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  pid, fd = pty.fork()
-  if pid == 0:
-    os.chdir(REPO)
-    os.environ['PYTHONPATH'] = str(REPO)
-    os.environ.pop('COLUMNS', None)
-    os.execv(sys.executable, [sys.executable, 'train.py', *args])
-  fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack('HHHH', 40, columns, 0, 0))
+  del tmp_path
+  master, slave = pty.openpty()
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, columns, 0,
+                                                     0))
+  env = {k: v for k, v in os.environ.items() if k != 'COLUMNS'}
+  proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO,
+                          env={**env, 'PYTHONPATH': str(REPO)}, stdin=slave,
+                          stdout=slave, stderr=slave, start_new_session=True)
+  os.close(slave)
   output, deadline = b'', time.time() + timeout
   while time.time() < deadline:
-    ready, _, _ = select.select([fd], [], [], 1.0)
+    ready, _, _ = select.select([master], [], [], 1.0)
     if not ready:
+      if proc.poll() is not None:
+        break
       continue
     try:
-      chunk = os.read(fd, 65536)
-    except OSError:
+      chunk = os.read(master, 65536)
+    except OSError:  # the terminal closed: the program has exited
       break
     if not chunk:
       break
     output += chunk
-  _, status = os.waitpid(pid, 0)
-  return os.waitstatus_to_exitcode(status), output.decode(errors='replace')
+  os.close(master)
+  return proc.wait(timeout=60), output.decode(errors='replace')
 
 
 # absl's default: 'I1203 09:51:30.781724 140325148359552 loop.py:372] ...'
