@@ -107,9 +107,26 @@ class _QuietLibraries(std_logging.Filter):
   """Orbax logs every save step at INFO through absl; keep its warnings only."""
 
   def filter(self, record):
+    if 'has no dataset_info.json' in record.getMessage():
+      return False  # TFDS, about a dataset that is about to be prepared
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname
         for part in ('/orbax/', '/grain/', '/jax/', '/tensorflow_datasets/'))
+
+
+class _ReadableFormat(std_logging.Formatter):
+  """'12:01:02 message' ('warning: ' before warnings) instead of absl's
+  'I1203 12:01:02.123456 140325148359552 loop.py:372] message'."""
+
+  def __init__(self):
+    super().__init__('%(asctime)s %(message)s', datefmt='%H:%M:%S')
+
+  def format(self, record):
+    text = super().format(record)
+    if record.levelno >= std_logging.WARNING:
+      stamp, _, message = text.partition(' ')
+      text = f'{stamp} {record.levelname.lower()}: {message}'
+    return text
 
 
 def main(argv):
@@ -117,6 +134,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   _check_process_flags()
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().setFormatter(_ReadableFormat())
   for handler in std_logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top

@@ -88,7 +88,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or tmp
     for case in args.cases:
-      data.prepare(CASES[case]['dataset'], data_dir)
+      data.prepare.prepare(CASES[case]['dataset'], data_dir)
     results = [measure(case, data_dir, workers, args.batches,
                        args.warmup_batches, args.prefetch_batches)
                for case in args.cases for workers in args.workers]

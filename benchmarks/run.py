@@ -154,7 +154,7 @@ def probe_main(args: argparse.Namespace) -> None:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds.disable_progress_bar()
     case = args.pipeline_case
-    input_pipeline.data.prepare(input_pipeline.CASES[case]['dataset'],
+    input_pipeline.data.prepare.prepare(input_pipeline.CASES[case]['dataset'],
                                 args.data_dir)
     results = [input_pipeline.measure(case, args.data_dir, workers,
                                       args.pipeline_batches, 2, 2)

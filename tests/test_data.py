@@ -614,8 +614,9 @@ def test_missing_downloadable_dataset_says_how_to_build_it(tmp_path):
     data.dataset_info(config)
   message = str(error.value)
   assert "'cifar10'" in message and str(tmp_path) in message
-  assert (f'tfds build cifar10 --data_dir={tmp_path} '
-          '--file_format=array_record') in message
+  assert (f'python -m flax_resnet.data.prepare cifar10 --data_dir {tmp_path} '
+          '--source PATH') in message
+  assert 'cifar-10-python.tar.gz, cifar-10-binary.tar.gz' in message
   assert not list(tmp_path.iterdir())  # nothing downloaded or built
   with pytest.raises(data.DatasetNotFoundError):
     data.make_train_iterator(config)
@@ -626,11 +627,9 @@ def test_missing_imagenet_says_where_the_tars_go(tmp_path):
   with pytest.raises(data.DatasetNotFoundError) as error:
     data.make_eval_iterator(config)
   message = str(error.value)
-  manual = tmp_path / 'downloads' / 'manual'
-  assert f'{manual}/ILSVRC2012_img_train.tar' in message
-  assert f'{manual}/ILSVRC2012_img_val.tar' in message
-  assert (f'tfds build imagenet2012 --data_dir={tmp_path} '
-          '--file_format=array_record') in message
+  assert 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar' in message
+  assert (f'python -m flax_resnet.data.prepare imagenet2012 --data_dir '
+          f'{tmp_path} --source FOLDER') in message
 
 
 def test_unknown_dataset_name():
@@ -670,7 +669,7 @@ def test_tfrecord_dataset_asks_for_array_record(tmp_path):
   build('fr_test_cifar', tmp_path, file_format='tfrecord')
   config = cifar_config(str(tmp_path))
   with pytest.raises(data.DatasetNotFoundError,
-                     match='(?s)array_record.*tfds convert_format'):
+                     match='(?s)array_record.*python -m flax_resnet.data.prepare fr_test_cifar'):
     data.dataset_info(config)
 
 

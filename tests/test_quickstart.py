@@ -22,3 +22,98 @@ def test_quickstart_reaches_95_percent_held_out(tmp_path):
   print(f"quickstart: eval top-1 {result.eval_metrics['eval_top1']:.4f} "
         f'in {result.seconds:.1f} s')
   assert result.eval_metrics['eval_top1'] >= 0.95
+
+
+def run_in_terminal(args, columns, tmp_path, timeout=600):
+  """Runs train.py in a pseudo-terminal `columns` wide; returns its output."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import pty  # pylint: disable=g-import-not-at-top
+  import select  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import termios  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  del tmp_path
+  master, slave = pty.openpty()
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, columns, 0,
+                                                     0))
+  env = {k: v for k, v in os.environ.items() if k != 'COLUMNS'}
+  proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO,
+                          env={**env, 'PYTHONPATH': str(REPO)}, stdin=slave,
+                          stdout=slave, stderr=slave, start_new_session=True)
+  os.close(slave)
+  output, deadline = b'', time.time() + timeout
+  while time.time() < deadline:
+    ready, _, _ = select.select([master], [], [], 1.0)
+    if not ready:
+      if proc.poll() is not None:
+        break
+      continue
+    try:
+      chunk = os.read(master, 65536)
+    except OSError:  # the terminal closed: the program has exited
+      break
+    if not chunk:
+      break
+    output += chunk
+  os.close(master)
+  return proc.wait(timeout=60), output.decode(errors='replace')
+
+
+# absl's default: 'I1203 09:51:30.781724 140325148359552 loop.py:372] ...'
+ABSL_PREFIX = r'[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \S+:\d+\]'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('columns', [100, 0])
+def test_console_a_newcomer_reads(tmp_path, columns):
+  """Compile message and time, eval lines of their own, no absl prefixes."""
+  import re  # pylint: disable=g-import-not-at-top
+  rc, out = run_in_terminal([
+      '--config', 'tests/fault_config.py', '--workdir', str(tmp_path / 'run'),
+      f'--config.data_dir={tmp_path / "data"}', '--config.progress_bar=auto',
+      '--config.log_every_steps=4'], columns, tmp_path)
+  assert rc == 0, out[-3000:]
+  assert 'compiling the train step ...' in out
+  assert re.search(r'compiled the train step in \d+\.\d s', out)
+  assert not re.search(ABSL_PREFIX, out), out[-3000:]
+  assert 'resource_tracker' not in out
+  # Each eval line starts a line of its own (after the bar is cleared).
+  lines = [line.strip() for line in re.split(r'[\r\n]', out)]
+  evals = [line for line in lines if 'eval at step' in line]
+  assert len(evals) == 2, out[-3000:]
+  for line, step in zip(evals, (12, 24)):
+    assert re.fullmatch(rf'(\d\d:\d\d:\d\d )?eval at step {step}: top1=\S+ '
+                        r'top5=\S+ loss=\S+ \(360 examples, \d+\.\d s\)',
+                        line), line
+  assert not [line for line in lines if 'warning' in line.lower()], out
+  if columns:
+    assert re.search(r'\d+/24 \[', out)  # the bar
+  else:  # a terminal reporting 0 columns gets the plain train lines
+    assert re.search(r'step 24/24  loss=\S+ top1=\S+  eta 0:00:00', out)
+    assert re.search(r'step 4/24  loss=\S+ top1=\S+  eta \d:\d\d:\d\d', out)
+  assert '== completed at step 24/24' in out
+
+
+@pytest.mark.slow
+def test_worker_processes_leave_no_shared_memory_behind(tmp_path):
+  """grain workers (train and each eval) are stopped before exit.
+
+  Before they were closed, this run ended with "resource_tracker: There
+  appear to be 2 leaked shared_memory objects" and waited on the workers.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config', 'tests/fault_config.py',
+       '--workdir', str(tmp_path / 'run'),
+       f'--config.data_dir={tmp_path / "data"}', '--config.worker_count=2',
+       '--config.eval_every_steps=6', '--config.eval_batch_size=40'],
+      cwd=REPO, env={**__import__('os').environ, 'PYTHONPATH': str(REPO)},
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '== completed at step 24/24' in result.stdout
+  assert 'leaked' not in result.stderr and 'resource_tracker' not in (
+      result.stderr), result.stderr[-3000:]

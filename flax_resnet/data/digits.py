@@ -19,13 +19,18 @@ Features: 'image' uint8 (8, 8, 1), the 0..16 ink levels scaled to 0..255 and
 rounded; 'label' ClassLabel(num_classes=10).
 
 Importing this module registers the builder, so `tfds.builder('sklearn_digits')`
-finds it. Building needs TensorFlow; reading the prepared array_record files
-through `tfds.data_source` does not.
+finds it. Neither building nor reading needs TensorFlow: the images are handed
+to TFDS as PNG bytes (Pillow, lossless), which TFDS stores unchanged.
 """
+
+import io
 
 from etils import epath
 import numpy as np
+from PIL import Image as PilImage
 import tensorflow_datasets as tfds
+
+from flax_resnet.data import builders
 
 NAME = 'sklearn_digits'
 NUM_TEST = 360
@@ -64,10 +69,11 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
   return images[keep][..., None], labels[keep]
 
 
-class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+class SklearnDigits(builders.QuietBuilder, tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 1,797 real 8x8 handwritten digits (no download)."""
 
   VERSION = tfds.core.Version('1.0.0')
+  ORIGIN = "scikit-learn's copy (no download)"
   RELEASE_NOTES = {'1.0.0': 'Stratified 1,437 / 360 train / test split.'}
 
   # TFDS 4.9.10's default `code_path` needs the `importlib_resources` backport
@@ -97,4 +103,12 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     images, labels = load_split(split)
     for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, {'image': image, 'label': label}
+      yield index, {'image': _png(image), 'label': label}
+      self._report(split, index + 1, len(labels))
+
+
+def _png(image: np.ndarray) -> bytes:
+  """PNG bytes of an (H, W, 1) uint8 image (what tf.image.encode_png stores)."""
+  buffer = io.BytesIO()
+  PilImage.fromarray(image[..., 0]).save(buffer, format='PNG')
+  return buffer.getvalue()

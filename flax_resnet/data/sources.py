@@ -5,7 +5,9 @@ need no TensorFlow. Images come back still encoded (JPEG/PNG bytes) so that the
 grain workers decode them (and JPEGs can be decoded at reduced size).
 
 Only the offline `sklearn_digits` dataset is built on demand; every other
-missing dataset raises `DatasetNotFoundError` with the commands that prepare it.
+missing dataset raises `DatasetNotFoundError` with the command that prepares
+it (`python -m flax_resnet.data.prepare`). `folder:ROOT` reads a torchvision
+ImageFolder tree directly (see image_folder.py).
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from flax_resnet.data import digits
+from flax_resnet.data import image_folder
 
 SYNTHETIC = 'synthetic'
 # Datasets that `dataset_info` and the iterators build themselves when missing:
@@ -77,20 +80,6 @@ class SyntheticSource:
             f'split_seed={self._split_seed})')
 
 
-def prepare(name: str, data_dir: str | None = None) -> None:
-  """Downloads (if needed) and builds TFDS dataset `name` as array_record.
-
-  Needs TensorFlow (the `build` extra). Equivalent to
-  `tfds build NAME --data_dir=DATA_DIR --file_format=array_record`.
-
-  Args:
-    name: TFDS name, e.g. 'sklearn_digits' or 'cifar10'.
-    data_dir: TFDS data directory; None for the TFDS default.
-  """
-  builder = tfds.builder(name, data_dir=data_dir, file_format=_FILE_FORMAT)
-  builder.download_and_prepare(file_format=_FILE_FORMAT)
-
-
 def dataset_info(config) -> DatasetInfo:
   """Sizes, classes and image shape of `config.dataset`; checks the config.
 
@@ -113,6 +102,14 @@ def dataset_info(config) -> DatasetInfo:
     n = config.synthetic_num_examples
     return DatasetInfo(SYNTHETIC, config.num_classes, n, n,
                        (config.image_size, config.image_size, 3))
+  if image_folder.is_folder_dataset(config.dataset):
+    folder = _image_folder(config)
+    return DatasetInfo(
+        name=config.dataset,
+        num_classes=len(folder.classes),
+        num_train=len(_folder_split(folder, config, 'train_split')),
+        num_eval=len(_folder_split(folder, config, 'eval_split')),
+        image_shape=(None, None, 3))
   builder, num_classes = _checked_builder(config)
   return DatasetInfo(
       name=config.dataset,
@@ -140,12 +137,47 @@ def open_source(config, split_field: str):
     # Different split names give different (but fixed) examples.
     return SyntheticSource(config.synthetic_num_examples, config.image_size,
                            config.num_classes, zlib.crc32(split.encode()))
+  if image_folder.is_folder_dataset(config.dataset):
+    folder = _image_folder(config)
+    _folder_split(folder, config, split_field)
+    return image_folder.FolderSource(folder, split)
   builder, _ = _checked_builder(config)
   _split_size(builder, split, split_field)
   decoders = None
   if isinstance(builder.info.features['image'], tfds.features.Image):
     decoders = {'image': tfds.decode.SkipDecoding()}
   return builder.as_data_source(split=split, decoders=decoders)
+
+
+def _prepare_lib():
+  # Imported on use: `python -m flax_resnet.data.prepare` must be able to run
+  # it as __main__ after this package is imported.
+  from flax_resnet.data import prepare  # pylint: disable=g-import-not-at-top
+  return prepare
+
+
+def _image_folder(config) -> image_folder.ImageFolder:
+  """The folder of `folder:ROOT`, checked against config.num_classes."""
+  try:
+    folder = image_folder.ImageFolder(image_folder.root_of(config.dataset))
+  except image_folder.SourceError as e:
+    raise DatasetNotFoundError(f'config.dataset={config.dataset!r}: {e}') from e
+  if config.num_classes != len(folder.classes):
+    raise ValueError(
+        f'config.num_classes is {config.num_classes} but '
+        f'{config.dataset!r} has {len(folder.classes)} classes (the folders '
+        f'of train/: {folder.classes[:5]}{"..." if len(folder.classes) > 5 else ""}'
+        f'); set config.num_classes to {len(folder.classes)}.')
+  return folder
+
+
+def _folder_split(folder, config, field: str):
+  try:
+    return folder.files(config[field])
+  except image_folder.SourceError as e:
+    raise DatasetNotFoundError(
+        f'config.{field}={config[field]!r}: {e} Set config.{field} to one of '
+        'them.') from e
 
 
 def _check_synthetic_config(config) -> None:
@@ -169,7 +201,10 @@ def _prepared_builder(name: str, data_dir: str | None):
         f"{SYNTHETIC!r}, {digits.NAME!r} (offline) or a name from "
         '`tfds.list_builders()`, e.g. cifar10 or imagenet2012.') from e
   if not builder.is_prepared() and builder.name in LOCAL_DATASETS:
-    prepare(name, data_dir)
+    try:
+      _prepare_lib().prepare(name, data_dir, progress=False)
+    except _prepare_lib().PrepareError as e:
+      raise DatasetNotFoundError(f'config.dataset={name!r}: {e}') from e
     builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise DatasetNotFoundError(_how_to_prepare(builder, name, data_dir))
@@ -178,40 +213,36 @@ def _prepared_builder(name: str, data_dir: str | None):
     raise DatasetNotFoundError(
         f'Dataset {name!r} in {builder.data_dir} is stored as '
         f'{sorted(formats)}, but reading it without TensorFlow needs '
-        f'{_FILE_FORMAT}. Convert it with\n'
-        f'  tfds convert_format --dataset_version_dir={builder.data_dir} '
-        f'--out_file_format={_FILE_FORMAT}\n'
-        f'or rebuild it with\n'
-        f'  tfds build {name} --data_dir={_display_data_dir(data_dir)} '
-        f'--file_format={_FILE_FORMAT}')
+        f'{_FILE_FORMAT}. Prepare it again (move the old folder away first) '
+        'with\n  ' + _prepare_lib().command(name, _display_data_dir(data_dir)))
   return builder
 
 
 def _how_to_prepare(builder, name: str, data_dir: str | None) -> str:
-  """Error text naming the dataset, data_dir and the commands to prepare it."""
+  """Error text naming the dataset, data_dir and the command to prepare it."""
   shown_dir = _display_data_dir(data_dir)
-  build = (f'tfds build {name} --data_dir={shown_dir} '
-           f'--file_format={_FILE_FORMAT}')
   message = (f'Dataset {name!r} is not prepared in data_dir={shown_dir} '
              f'(config.data_dir={data_dir!r}; looked for {builder.data_dir}).')
   if builder.name == 'imagenet2012':
-    manual_dir = os.path.join(shown_dir, 'downloads', 'manual')
     return (f'{message}\nImageNet cannot be downloaded automatically:\n'
             '  1. get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
-            'from https://image-net.org/download-images\n'
-            f'  2. put them in {manual_dir}/ '
-            f'({manual_dir}/ILSVRC2012_img_train.tar and '
-            f'{manual_dir}/ILSVRC2012_img_val.tar)\n'
-            f'  3. run: {build}\n'
-            '(needs the `build` extra, i.e. TensorFlow, and ~300 GB of disk).')
+            'from https://image-net.org/download-images into one FOLDER\n'
+            '  2. run: ' + _prepare_lib().command(name, shown_dir, 'FOLDER') +
+            '\n(about 150 GB of disk for the prepared dataset).')
+  if builder.name in ('cifar10', 'cifar100'):
+    number = builder.name[len('cifar'):]
+    return (f'{message}\nPrepare it from the archive you have '
+            f'(cifar-{number}-python.tar.gz, cifar-{number}-binary.tar.gz or '
+            "torchvision's extracted folder):\n  " +
+            _prepare_lib().command(name, shown_dir, 'PATH') +
+            '\nor download it:\n  ' + _prepare_lib().command(name, shown_dir))
   manual = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
   if manual:
     return (f'{message}\nThis dataset needs a manual download into '
             f'{os.path.join(shown_dir, "downloads", "manual")}/:\n{manual}\n'
-            f'then run: {build}')
-  return (f'{message}\nDownload and build it with:\n  {build}\n'
-          f'or from Python: flax_resnet.data.prepare({name!r}, {shown_dir!r})\n'
-          '(both need the `build` extra, i.e. TensorFlow).')
+            'then run: ' + _prepare_lib().command(name, shown_dir))
+  return (f'{message}\nDownload and prepare it with:\n  ' +
+          _prepare_lib().command(name, shown_dir))
 
 
 def _checked_builder(config):

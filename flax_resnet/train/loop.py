@@ -411,9 +411,21 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
 
   try:
     with _StopSignal() as stop, mesh:
+      compiled_step = None
+      if is_lead and step < total_steps:
+        print('starting the input pipeline' + (
+            f' ({config.worker_count} worker processes)'
+            if config.worker_count else '') + ' ...', flush=True)
       while step < total_steps:
         batch = next(prefetcher)
-        state, metrics = train_step(state, batch)
+        if compiled_step is None:
+          compiled_step = _compile(train_step, 'train step', is_lead, state,
+                                   batch)
+          state, metrics = compiled_step(state, batch)
+          jax.block_until_ready(metrics)
+          progress.begin(step + 1)  # the ETA leaves compilation out
+        else:
+          state, metrics = compiled_step(state, batch)
         window.append(metrics)
         step += 1
         at_eval = step % eval_every == 0 or step == total_steps
@@ -423,13 +435,24 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
         if step % config.log_every_steps == 0 or at_eval or at_ckpt or leaving:
           flush()
         if at_eval:
-          last_eval = evaluate(eval_step, state, data_lib.make_eval_iterator(
+          eval_started = time.time()
+          eval_batches = iter(data_lib.make_eval_iterator(
               config, process_index=jax.process_index(),
-              process_count=jax.process_count()), mesh)
+              process_count=jax.process_count()))
+          try:
+            last_eval = evaluate(eval_step, state, eval_batches, mesh)
+          finally:
+            # Its worker processes and their shared memory go now, not at
+            # exit (where they leaked and delayed it).
+            getattr(eval_batches, 'close', lambda: None)()
+            data_lib.pipeline.release_shared_memory()
           writer.write(step, last_eval)
-          if is_lead:
-            log.info('step %d: %s', step, ' '.join(
-                f'{k}={v:.4f}' for k, v in last_eval.items()))
+          progress.message(
+              f'eval at step {step}: top1={last_eval["eval_top1"]:.4f} '
+              f'top5={last_eval["eval_top5"]:.4f} '
+              f'loss={last_eval["eval_loss"]:.4f} '
+              f'({int(last_eval["eval_examples"])} examples, '
+              f'{time.time() - eval_started:.1f} s)')
           save({'eval_top1': last_eval['eval_top1']})
         elif at_ckpt:
           save()
@@ -437,12 +460,16 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
           if not (at_eval or at_ckpt):
             save()
           status = 'preempted'
-          log.warning('stopping early (%s): checkpoint at step %d written; '
-                      'rerun the same command to resume.',
-                      f'signal {stop.received}' if stop.received else
-                      'stop_after', step)
+          progress.message(
+              'stopping early ({}): checkpoint at step {} written; rerun the '
+              'same command to resume.'.format(
+                  f'signal {stop.received}' if stop.received else
+                  'stop_after', step), logging.WARNING)
           break
   finally:
+    # Stop the grain worker processes now: left to interpreter exit, they are
+    # joined after a long timeout and leak their shared memory.
+    train_iter.close()
     ckpt.close()
     progress.close()
     writer.close()
@@ -453,6 +480,17 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
   if is_lead:
     print(summary(result, total_steps))
   return result
+
+
+def _compile(jitted, what: str, is_lead: bool, *args):
+  """Compiles `jitted` for `args` ahead of time, saying so and how long."""
+  if is_lead:
+    print(f'compiling the {what} ...', flush=True)
+  started = time.time()
+  compiled = jitted.lower(*args).compile()
+  if is_lead:
+    print(f'compiled the {what} in {time.time() - started:.1f} s', flush=True)
+  return compiled
 
 
 def summary(result: RunResult, total_steps: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -42,41 +43,75 @@ class MetricWriter:
 
 
 class Progress:
-  """A tqdm bar with ETA on a terminal; plain log lines otherwise."""
+  """A tqdm bar with ETA on a terminal; plain log lines otherwise.
+
+  The clock (rate, ETA) starts at `begin()`, called once the first step has
+  compiled and run, so the ETA reflects the steady-state step time. Messages
+  go through `message()`, which prints them on their own line above the bar.
+  """
+
+  # Narrower than this (or a terminal that reports 0 columns) gets log lines.
+  MIN_COLUMNS = 40
 
   def __init__(self, total_steps: int, start_step: int, mode: str = 'auto',
                enabled: bool = True):
     self.total = total_steps
     self.use_bar = enabled and (mode == 'on' or (
-        mode == 'auto' and sys.stderr.isatty()))
+        mode == 'auto' and sys.stderr.isatty()
+        and _columns(sys.stderr) >= self.MIN_COLUMNS))
     self._bar = None
-    if self.use_bar:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total_steps, initial=start_step, unit='step',
-                       dynamic_ncols=True)
     self._enabled = enabled
     self._last_step = start_step
     self._start = time.time()
     self._start_step = start_step
 
+  def begin(self, step: int):
+    """Starts the clock at `step` (after compilation) and shows the bar."""
+    self._start, self._start_step, self._last_step = time.time(), step, step
+    if self.use_bar and self._bar is None:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      columns = _columns(sys.stderr)
+      self._bar = tqdm(total=self.total, initial=step, unit='step',
+                       dynamic_ncols=columns >= self.MIN_COLUMNS,
+                       ncols=None if columns >= self.MIN_COLUMNS else 100,
+                       file=sys.stderr)
+
   def update(self, step: int, metrics: Optional[dict[str, float]] = None):
     if self._bar is not None:
-      self._bar.update(step - self._last_step)
       if metrics:
         self._bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items()},
                               refresh=False)
+      self._bar.update(step - self._last_step)
     elif self._enabled and metrics:
       elapsed = time.time() - self._start
-      done = max(step - self._start_step, 1)
-      eta = elapsed / done * (self.total - step)
+      done = step - self._start_step
+      eta = elapsed / done * (self.total - step) if done > 0 else math.nan
       text = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
       log.info('step %d/%d  %s  eta %s', step, self.total, text,
                _duration(eta))
     self._last_step = step
 
+  def message(self, text: str, level: int = logging.INFO):
+    """A line of its own: above the bar on a terminal, else a log line."""
+    if not self._enabled:
+      return
+    if self._bar is not None:
+      prefix = '' if level < logging.WARNING else 'warning: '
+      self._bar.write(prefix + text, file=sys.stderr)
+    else:
+      log.log(level, '%s', text)
+
   def close(self):
     if self._bar is not None:
       self._bar.close()
+      self._bar = None
+
+
+def _columns(stream) -> int:
+  try:
+    return os.get_terminal_size(stream.fileno()).columns
+  except (OSError, ValueError, AttributeError):
+    return 0
 
 
 def _duration(seconds: float) -> str:
