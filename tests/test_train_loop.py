@@ -153,3 +153,25 @@ def test_layout_mismatch_refuses_to_train_before_compiling(tmp_path):
 def test_num_classes_must_match_the_dataset(tmp_path):
   with pytest.raises(ValueError, match='num_classes.*10'):
     loop.train_and_evaluate(digits_config(num_classes=7), str(tmp_path))
+
+
+@pytest.mark.parametrize('config_name', ['cifar100_resnet56', 'resnet50'])
+def test_class_count_is_not_a_layout_difference(config_name, capsys):
+  """configs/cifar100_resnet56.py has a 100-class head; paper's table has 10."""
+  import importlib
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  config.num_classes = 7
+  spec = config_check.model_spec(config)
+  loop.check_layout(config, spec, is_lead=True)
+  out = capsys.readouterr().out
+  assert 'MATCH; head compared at the reference' in out
+  assert 'this run has 7' in out
+
+
+def test_class_count_does_not_hide_a_real_difference():
+  import importlib
+  config = importlib.import_module('configs.cifar100_resnet56').get_config()
+  config.model_overrides.shortcut = 'B'
+  spec = config_check.model_spec(config)
+  with pytest.raises(layout_lib.LayoutMismatch, match='stage 2 block 0'):
+    loop.check_layout(config, spec, is_lead=False)

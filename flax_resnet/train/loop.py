@@ -21,6 +21,7 @@ import numpy as np
 from flax_resnet import data as data_lib
 from flax_resnet import layout as layout_lib
 from flax_resnet import references
+from flax_resnet import zoo
 from flax_resnet.model import ResNet
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config_check
@@ -103,14 +104,24 @@ def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
       print('layout reference: none (config.reference=None), not checked')
     return layout
   entry_name = config.reference_model or config.model
-  # Reference tables are extracted at their library's native input size.
+  # Reference tables are extracted at their library's native input size and
+  # with its own head (1000 ImageNet or 10 CIFAR classes); a run's class count
+  # is the dataset's choice, not an architecture difference.
   entries = references.load(ref)['models']
   ref_size = entries.get(entry_name, {}).get('input_size', size)
-  checked = layout if ref_size == size else layout_lib.derive_layout(
-      model, (1, ref_size, ref_size, 3), config.model)
+  preset = zoo.PRESETS.get(entry_name)
+  ref_classes = preset.num_classes if preset is not None else spec.num_classes
+  checked = layout
+  if ref_size != size or ref_classes != spec.num_classes:
+    checked = layout_lib.derive_layout(
+        ResNet(dataclasses.replace(spec, num_classes=ref_classes)),
+        (1, ref_size, ref_size, 3), config.model)
   layout_lib.check(checked, ref, entry_name)
   if is_lead:
-    print(f'layout reference {ref} ({entry_name}): MATCH\n')
+    head_note = ('' if ref_classes == spec.num_classes else
+                 f'; head compared at the reference\'s {ref_classes} classes, '
+                 f'this run has {spec.num_classes}')
+    print(f'layout reference {ref} ({entry_name}): MATCH{head_note}\n')
   return layout
 
 
