@@ -43,3 +43,14 @@ def get_config():
   c.compilation_cache_dir = os.path.join(tempfile.gettempdir(),
                                          'flax_resnet_test_jax_cache')
   return c
+
+
+def with_fields(**fields):
+  """get_config() with fields set; 'model_overrides.X' keys reach the spec."""
+  c = get_config()
+  for key, value in fields.items():
+    if key.startswith('model_overrides.'):
+      c.model_overrides[key.split('.', 1)[1]] = value
+    else:
+      c[key] = value
+  return c

@@ -39,16 +39,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_FILE = REPO / 'tests' / 'fault_config.py'
 
 
-def fault_config(**fields):
-  sys.path.insert(0, str(CONFIG_FILE.parent))
-  try:
-    import fault_config as module  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  config = module.get_config()
-  for key, value in fields.items():
-    config[key] = value
-  return config
+from fault_config import with_fields as fault_config  # tests/ is on sys.path
 
 
 def file_digests(folder) -> dict[str, str]:

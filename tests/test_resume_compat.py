@@ -35,19 +35,7 @@ from flax_resnet.zoo import get_spec
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def fault_config(**fields):
-  sys.path.insert(0, str(REPO / 'tests'))
-  try:
-    import fault_config as module  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  config = module.get_config()
-  for key, value in fields.items():
-    if key.startswith('model_overrides.'):
-      config.model_overrides[key.split('.', 1)[1]] = value
-    else:
-      config[key] = value
-  return config
+from fault_config import with_fields as fault_config  # tests/ is on sys.path
 
 
 def abstract_state(config):

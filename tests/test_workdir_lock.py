@@ -28,16 +28,7 @@ from flax_resnet.train import loop
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def fault_config(**fields):
-  sys.path.insert(0, str(REPO / 'tests'))
-  try:
-    import fault_config as module  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  config = module.get_config()
-  for key, value in fields.items():
-    config[key] = value
-  return config
+from fault_config import with_fields as fault_config  # tests/ is on sys.path
 
 
 # A process that takes the lock, says so, and then waits (or blocks while
