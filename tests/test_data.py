@@ -580,6 +580,15 @@ def test_digits_built_on_first_use_with_fixed_stratified_split(digits_dir):
     assert got == want
     assert examples[0]['image'].dtype == np.uint8
     assert max(e['image'].max() for e in examples) == 255
+  # The packaged file holds exactly scikit-learn's digits, in its order.
+  images = np.concatenate([digits.load_split(s)[0] for s in ('train', 'test')])
+  labels = np.concatenate([digits.load_split(s)[1] for s in ('train', 'test')])
+  order = np.argsort(np.concatenate([np.flatnonzero(~np.isin(
+      np.arange(1797), test)), test]))
+  np.testing.assert_array_equal(labels[order], target)
+  np.testing.assert_array_equal(
+      images[order][..., 0],
+      np.round(datasets.load_digits().images * 255 / 16).astype(np.uint8))
 
 
 def test_reading_needs_no_tensorflow(digits_dir):
