@@ -56,6 +56,9 @@ def truncated(path, tmp_path):
     ('missing_split', r'test_batch is missing, so split .test. of cifar10 is '
                       r'incomplete'),
     ('not_there', r'does not exist; give cifar-10-binary.tar.gz'),
+    # tarfile's own message lists each compression it tried, one per line.
+    ('not_an_archive', r'is not a readable archive \(ReadError: file could '
+                       r'not be opened successfully\): the download'),
     ('cut_record', r'not a whole number of 3073-byte cifar10 records'),
 ])
 def test_bad_cifar_source_is_one_error_line(tmp_path, case, message):
@@ -74,6 +77,9 @@ def test_bad_cifar_source_is_one_error_line(tmp_path, case, message):
     source = ua.extract(files, src)
   elif case == 'not_there':
     source = src / 'cifar-10-binary.tar.gz'
+  elif case == 'not_an_archive':
+    source = src / 'cifar-10-python.tar.gz'
+    source.write_bytes(b'<html>404 Not Found</html>\n')
   else:
     files = ua.cifar_binary_files('cifar10', data)
     files['cifar-10-batches-bin/data_batch_3.bin'] = files[

@@ -35,6 +35,15 @@ class SourceError(ValueError):
   """The given source is not (a complete) what the dataset needs."""
 
 
+def unreadable(e: BaseException) -> str:
+  """`ReadError: first line` of an archive error, for a one-line message.
+
+  tarfile's 'r:*' error lists every compression it tried, one per line.
+  """
+  text = str(e).splitlines()[0].rstrip(':') if str(e) else 'truncated'
+  return f'{type(e).__name__}: {text}'
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """One upstream format of one CIFAR dataset."""
@@ -312,8 +321,8 @@ class _TarFiles:
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
       # zlib/gzip errors (truncated download) are OSError/EOFError subclasses.
       raise SourceError(
-          f'{path} is not a readable archive ({type(e).__name__}: '
-          f'{str(e) or "truncated"}): the download is truncated or it is not '
+          f'{path} is not a readable archive ({unreadable(e)}): '
+          'the download is truncated or it is not '
           f'{expected_sources(name)}. Download it again.') from e
     tops = {n.split('/')[0] for n in self._members if '/' in n}
     self.top_folder = sorted(tops)[0] if len(tops) == 1 else ', '.join(

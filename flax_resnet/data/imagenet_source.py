@@ -31,6 +31,7 @@ from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_build
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
 from flax_resnet.data.cifar_source import SourceError
+from flax_resnet.data.cifar_source import unreadable
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 VAL_TAR = 'ILSVRC2012_img_val.tar'
@@ -87,8 +88,8 @@ class ImagenetSource:
         names = [m.name for m in tar.getmembers() if m.isfile()]
     except (tarfile.TarError, EOFError, OSError) as e:
       raise SourceError(
-          f'{path} is not a readable tar ({type(e).__name__}: '
-          f'{e or "truncated"}): the download is truncated or it is not '
+          f'{path} is not a readable tar ({unreadable(e)}): '
+          'the download is truncated or it is not '
           f'{VAL_TAR}. Download it again.') from e
     bad = [n for n in names if not _VAL_NAME.match(os.path.basename(n))]
     if bad or not names:
@@ -161,8 +162,8 @@ class _reading:  # pylint: disable=invalid-name
 
   def _error(self, e):
     return SourceError(
-        f'{self._what} is not a readable tar ({type(e).__name__}: '
-        f'{e or "truncated"}): the download is truncated or damaged. '
+        f'{self._what} is not a readable tar ({unreadable(e)}): '
+        'the download is truncated or damaged. '
         'Download it again.')
 
   def __exit__(self, *exc):
