@@ -129,10 +129,22 @@ class _ReadableFormat(std_logging.Formatter):
     return text
 
 
+def _check_config_loaded():
+  """ml_collections defers a config file it could not load to first use."""
+  try:
+    _CONFIG.value.keys()
+  except OSError as e:
+    reason = [line.strip() for line in str(e).splitlines() if line.strip()]
+    _fail(f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}'
+          f': could not load it ({reason[-1]}); give a config file such as '
+          'configs/quickstart.py (the configs/ folder lists them all).')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   _check_process_flags()
+  _check_config_loaded()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().setFormatter(_ReadableFormat())
   for handler in std_logging.getLogger().handlers:

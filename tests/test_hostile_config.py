@@ -283,6 +283,10 @@ CLI_CASES = {
         ['error: --distributed: jax.distributed.initialize() failed',
          '--coordinator_address=HOST:PORT']),
     'empty_workdir': (['--workdir='], ['error: --workdir is empty']),
+    'missing_config_file': (  # the later --config wins
+        ['--config', 'configs/resnet_50.py'],
+        ['error: --config configs/resnet_50.py: could not load it',
+         'No such file or directory', 'configs/quickstart.py']),
     'nan_tuple': (
         ['--config.std_rgb=(nan,1,2)'],
         ['error: config.std_rgb:', 'could not parse the tuple']),
