@@ -60,6 +60,19 @@ def _notes(spec) -> str:
     parts.append(f'{spec.groups}x{spec.width_per_group}d groups')
   elif spec.width_per_group != 64:
     parts.append(f'width x{spec.width_per_group // 64}')
+  # What makes the Gluon- and Keras-exact nets differ from torchvision's.
+  if spec.input_norm:
+    parts.append('input BN')
+  if spec.conv_bias:
+    parts.append(f'conv bias on {"/".join(spec.conv_bias)}')
+  if spec.stride_block == 'last':
+    parts.append('stride in last block')
+  if spec.pool_shortcut:
+    parts.append('1x1 max-pool shortcut')
+  if spec.pool_padding == 'zeros':
+    parts.append('zero-padded max-pool')
+  if spec.bn_eps != 1e-5:
+    parts.append(f'BN eps {spec.bn_eps:g}')
   return ', '.join(parts)
 
 

@@ -486,3 +486,13 @@ def test_bad_exactness_fields_name_the_field(overrides, field):
 def test_zero_padded_pool_without_a_pool_is_refused():
   with pytest.raises(ValueError, match="'cifar' stem has no max-pool"):
     flax_resnet.get_spec('resnet20', pool_padding='zeros')
+
+
+@pytest.mark.slow
+def test_readme_model_zoo_table_is_what_cost_prints():
+  """Every figure in README's model-zoo table is reproduced from the code."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from flax_resnet import cost  # pylint: disable=g-import-not-at-top
+  readme = (pathlib.Path(__file__).resolve().parent.parent /
+            'README.md').read_text()
+  assert cost.markdown_table(flax_resnet.list_models()) in readme
