@@ -140,12 +140,10 @@ def check_batch_norm_input(x, train: bool) -> None:
 class Stem(nn.Module):
   kind: str
   width: int
-  preact: bool
   padding_mode: str
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
-  # None: BN + ReLU unless preact (see ResNetSpec.stem_norm).
-  norm_act: Optional[bool] = None
+  norm_act: bool = True  # BN + ReLU after the conv: ResNetSpec.has_stem_norm
   use_bias: bool = False
   input_norm: bool = False
   pool_padding: str = '-inf'
@@ -168,8 +166,7 @@ class Stem(nn.Module):
       x = self.conv(self.width, 7, 2, use_bias=bias, name='conv1')(x)
     else:
       x = self.conv(self.width, 3, 1, use_bias=bias, name='conv1')(x)
-    norm_act = (not self.preact) if self.norm_act is None else self.norm_act
-    if norm_act:
+    if self.norm_act:
       # A pre-activation net normalises at the start of the first block.
       x = nn.relu(self.norm(name='bn1')(x))
     if self.kind != 'cifar':
@@ -219,7 +216,7 @@ class ResNet(nn.Module):
     norm = layers.make_norm(train, spec.bn_momentum, spec.bn_eps, spec.dtype,
                             spec.param_dtype)
 
-    x = Stem(spec.stem, spec.stem_width, spec.preact, spec.padding, conv, norm,
+    x = Stem(spec.stem, spec.stem_width, spec.padding, conv, norm,
              norm_act=spec.has_stem_norm, use_bias='stem' in spec.conv_bias,
              input_norm=spec.input_norm, pool_padding=spec.pool_padding,
              name='stem')(x)

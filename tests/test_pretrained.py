@@ -2,6 +2,7 @@
 HTTP server on 127.0.0.1 that serves files the tests write."""
 
 import ast
+import functools
 import hashlib
 import http.server
 import importlib.util
@@ -317,6 +318,25 @@ def test_num_classes_gives_a_fresh_head_and_skip_head_works(weights_file,
                             variables['params']['fc']['kernel'])
   logits = model.apply(loaded, jnp.ones((2, 32, 32, 3)), train=False)
   assert logits.shape == (2, 3)
+
+
+def test_fresh_head_from_a_gluon_file_whose_head_has_other_names(tmp_path):
+  """Gluon names its classifier output.*, not fc.*: num_classes still works."""
+  source = flax_resnet.create_model('gluon_resnet18_v1', num_classes=5)
+  variables = jax.jit(functools.partial(source.init, train=False))(
+      jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  path = tmp_path / 'resnet18_v1.params'
+  convert.save_gluon(variables, source, path)
+  with pytest.raises(convert.StateDictMismatch) as e:
+    convert.load_weights(path, flax_resnet.create_model('gluon_resnet18_v1',
+                                                        num_classes=3))
+  assert e.value.head_only
+  model, loaded = flax_resnet.load_pretrained('gluon_resnet18_v1', path,
+                                              num_classes=3)
+  assert loaded['params']['fc']['kernel'].shape == (512, 3)
+  body = lambda v: {k: x for k, x in v['params'].items() if k != 'fc'}
+  assert_same_variables(body(loaded), body(variables))
+  assert_same_variables(loaded['batch_stats'], variables['batch_stats'])
 
 
 def test_unknown_tag_names_the_registered_ones():

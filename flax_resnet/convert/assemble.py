@@ -216,7 +216,9 @@ def assemble(arrays: Mapping[str, np.ndarray], entries: Sequence[Any], model,
     raise StateDictMismatch(
         _mismatch_message(model, missing, unexpected, mismatched,
                           sorted(given), head_weight),
-        missing, unexpected, mismatched)
+        missing, unexpected, mismatched,
+        head_only=bool(mismatched) and not (missing or unexpected) and all(
+            k in head for k, _, _ in mismatched))
 
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   for entry in entries:

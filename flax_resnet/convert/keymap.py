@@ -43,13 +43,17 @@ class StateDictMismatch(ValueError):
     missing: torch names the model needs but the state_dict lacks.
     unexpected: state_dict names the model has no place for.
     mismatched: (name, shape in the state_dict, shape the model needs).
+    head_only: only the classifier's shapes differ (another class count), in
+      any format's names; skip_head=True then loads the rest.
   """
 
-  def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+  def __init__(self, message: str, missing=(), unexpected=(), mismatched=(),
+               head_only: bool = False):
     super().__init__(message)
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.mismatched = list(mismatched)
+    self.head_only = head_only
 
 
 @dataclasses.dataclass(frozen=True)

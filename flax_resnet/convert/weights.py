@@ -93,7 +93,3 @@ def load_weights(source: Source, model: ModelLike, *, strict: bool = True,
   if label == 'huggingface':
     arrays = huggingface.hf_to_torchvision_keys(arrays)
   return pytorch.torch_to_flax(arrays, model, **kw)
-
-
-def count_tensors(arrays: Mapping[str, Any]) -> int:
-  return int(sum(np.size(v) for v in arrays.values() if v is not None))

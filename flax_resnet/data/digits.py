@@ -26,12 +26,10 @@ finds it. Neither building nor reading needs TensorFlow: the images are handed
 to TFDS as PNG bytes (Pillow, lossless), which TFDS stores unchanged.
 """
 
-import io
 import os
 
 from etils import epath
 import numpy as np
-from PIL import Image as PilImage
 import tensorflow_datasets as tfds
 
 from flax_resnet.data import builders
@@ -108,12 +106,6 @@ class SklearnDigits(builders.QuietBuilder, tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     images, labels = load_split(split)
     for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, {'image': _png(image), 'label': label}
+      yield index, {'image': builders.png_bytes(image), 'label': label}
       self._report(split, index + 1, len(labels))
 
-
-def _png(image: np.ndarray) -> bytes:
-  """PNG bytes of an (H, W, 1) uint8 image (what tf.image.encode_png stores)."""
-  buffer = io.BytesIO()
-  PilImage.fromarray(image[..., 0]).save(buffer, format='PNG')
-  return buffer.getvalue()

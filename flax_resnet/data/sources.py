@@ -11,6 +11,7 @@ ImageFolder tree directly (see image_folder.py).
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any
 import zlib
@@ -156,10 +157,17 @@ def _prepare_lib():
   return prepare
 
 
+@functools.lru_cache(maxsize=8)
+def _walked_folder(root: str) -> image_folder.ImageFolder:
+  # One instance per root, so dataset_info and each open_source share its
+  # file lists: walking an ImageNet-sized tree once is enough.
+  return image_folder.ImageFolder(root)
+
+
 def _image_folder(config) -> image_folder.ImageFolder:
   """The folder of `folder:ROOT`, checked against config.num_classes."""
   try:
-    folder = image_folder.ImageFolder(image_folder.root_of(config.dataset))
+    folder = _walked_folder(image_folder.root_of(config.dataset))
   except image_folder.SourceError as e:
     raise DatasetNotFoundError(f'config.dataset={config.dataset!r}: {e}') from e
   if config.num_classes != len(folder.classes):

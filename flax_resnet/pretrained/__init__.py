@@ -141,10 +141,7 @@ def load_pretrained(name: str, weights: Union[str, os.PathLike], *,
   try:
     variables = convert.load_weights(path, model, skip_head=skip_head)
   except convert.StateDictMismatch as e:
-    head_only = e.mismatched and all(
-        k.startswith('fc.') for k, _, _ in e.mismatched) and not (
-            e.missing or e.unexpected)
-    if num_classes is None or skip_head or not head_only:
+    if num_classes is None or skip_head or not e.head_only:
       raise
     variables = convert.load_weights(path, model, skip_head=True)
   return model, variables

@@ -262,7 +262,7 @@ class Checkpointer:
     if differences:
       raise ResumeIncompatibleError(compat.incompatible_message(
           step, self.directory, 'a differently shaped train state '
-          f'({"; ".join(differences[:3])})', config_changes, config_changes))
+          f'({"; ".join(differences[:3])})', config_changes))
     if config_changes:
       log.warning('resuming checkpoint step %d with config changes (saved -> '
                   'now): %s', step, compat.format_changes(config_changes))

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -151,7 +151,7 @@ def _flag(field: str, value) -> str:
 
 def incompatible_message(step: int, directory: pathlib.Path, what: str,
                          changes: list[Change],
-                         config_changes_: list[Change]) -> str:
+                         other_changes: Sequence[Change] = ()) -> str:
   workdir = pathlib.Path(directory).parent
   named = list(changes)
   lines = [f'checkpoint step {step} in {directory} is intact, but it holds '
@@ -163,7 +163,7 @@ def incompatible_message(step: int, directory: pathlib.Path, what: str,
     lines.append('No config field differs from the saved one: it was written '
                  'by another version of this code, or without its config.')
   named_fields = {field for field, _, _ in changes}
-  other = [c for c in config_changes_ if c[0] not in named_fields]
+  other = [c for c in other_changes if c[0] not in named_fields]
   if other:
     lines.append('Other changes (harmless on their own): ' +
                  format_changes(other) + '.')
