@@ -33,33 +33,49 @@ class Variant:
   cpu_gradients: flax_resnet.cpu's XLA:CPU gradients (1x1 convs as dots,
     strided convs by phases, max-pool by masks); False swaps in plain
     lax.conv_general_dilated / nn.max_pool.
-  fusion_barriers: layers.fusion_barrier as it is; False makes it identity.
+  fusion_barriers: layers.fusion_barrier and layers.conv_input_barrier as
+    they are; False makes both identity.
   onednn: convolutions through the oneDNN extension (flax_resnet.cpu.onednn);
     False keeps XLA's convolutions with the cpu_gradients rewrites.
   user_jit: not the project's train_step but what a user writes after the
     README's "Use the models": a plain jax.jit of model.apply + optax, no
     compiler options, no donation.
+  batch_norm_vjp: layers.BatchNorm (flax_resnet.cpu.batch_norm's gradient);
+    False swaps in flax.linen.BatchNorm (autodiff's gradient).
+  conv_input_barriers: barriers on conv inputs even with oneDNN convs (as
+    the model had them before flax_resnet.cpu.conv_input_barrier).
   """
   compiler_options: tuple[tuple[str, str], ...]
   cpu_gradients: bool
   fusion_barriers: bool
   onednn: bool = True
   user_jit: bool = False
+  batch_norm_vjp: bool = True
+  conv_input_barriers: bool = False
 
 
 _TUNED_OPTIONS = tuple(sorted(steps_lib.CPU_COMPILER_OPTIONS.items()))
 _SHIPPED_OPTIONS = tuple(sorted((steps_lib.compiler_options('cpu') or {}).items()))
 VARIANTS = {
     # The step before the performance work.
-    'stock': Variant((), False, False, onednn=False),
+    'stock': Variant((), False, False, onednn=False, batch_norm_vjp=False),
     # + steps.compiler_options(): no YNNPACK convolutions.
-    'flags': Variant(_TUNED_OPTIONS, False, False, onednn=False),
+    'flags': Variant(_TUNED_OPTIONS, False, False, onednn=False,
+                     batch_norm_vjp=False),
     # + the XLA:CPU gradients (1x1, strided conv, max-pool).
-    'grads': Variant(_TUNED_OPTIONS, True, False, onednn=False),
+    'grads': Variant(_TUNED_OPTIONS, True, False, onednn=False,
+                     batch_norm_vjp=False),
     # + fusion barriers: the project's loop before oneDNN (commit 4a99299).
-    'xla_tuned': Variant(_TUNED_OPTIONS, True, True, onednn=False),
+    'xla_tuned': Variant(_TUNED_OPTIONS, True, True, onednn=False,
+                         batch_norm_vjp=False),
     # The same, in a user's plain jax.jit: what users got before oneDNN.
-    'user_jit_xla': Variant((), True, True, onednn=False, user_jit=True),
+    'user_jit_xla': Variant((), True, True, onednn=False, user_jit=True,
+                            batch_norm_vjp=False),
+    # + oneDNN convolutions, in a user's plain jax.jit: the model of commit
+    # c78c258, before the BatchNorm gradient.
+    'user_jit_flax_bn': Variant((), True, True, user_jit=True,
+                                batch_norm_vjp=False,
+                                conv_input_barriers=True),
     # + oneDNN convolutions: the project's loop as it ships (it passes
     # steps.compiler_options(): none, once oneDNN runs the convolutions).
     'tuned': Variant(_SHIPPED_OPTIONS, True, True),
@@ -84,9 +100,21 @@ def model_variant(variant: Variant):
           layers, 'conv_general_dilated', lax.conv_general_dilated))
       stack.enter_context(mock.patch.object(layers, 'max_pool', plain_pool))
     if not variant.fusion_barriers:
+      for name in ('fusion_barrier', 'conv_input_barrier'):
+        stack.enter_context(mock.patch.object(layers, name, lambda x: x))
+    elif variant.conv_input_barriers or not variant.onednn:
       stack.enter_context(mock.patch.object(
-          layers, 'fusion_barrier', lambda x: x))
+          layers, 'conv_input_barrier', layers.fusion_barrier))
+    if not variant.batch_norm_vjp:
+      stack.enter_context(mock.patch.object(
+          layers, 'make_norm', _flax_batch_norm))
     yield
+
+
+def _flax_batch_norm(train, momentum, eps, dtype, param_dtype):
+  return functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=momentum,
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype)
 
 
 def _benchmark_config(case):

@@ -73,7 +73,8 @@ CASES = {
 }
 
 VARIANT_NAMES = ('stock', 'flags', 'grads', 'xla_tuned', 'user_jit_xla',
-                 'tuned', 'user_jit', 'user_jit_no_barriers')  # jax_side
+                 'user_jit_flax_bn', 'tuned', 'user_jit',
+                 'user_jit_no_barriers')  # jax_side
 
 # Which generated input-pipeline case feeds which kind of net.
 PIPELINE_CASE = {32: 'cifar_png', 224: 'imagenet_jpeg'}

@@ -1,9 +1,9 @@
-"""Building blocks shared by every variant: padded convs, pools and shortcuts.
+"""Building blocks shared by every variant: convs, BatchNorm, pools, shortcuts.
 
 Pools and the shortcut are Linen modules (not bare functions) so that the
 layout table can observe them when it traces the model. What makes them fast
-on CPU (oneDNN convolutions, fusion barriers, the max-pool gradient) lives in
-`flax_resnet.cpu`.
+on CPU (oneDNN convolutions, the BatchNorm gradient, fusion barriers, the
+max-pool gradient) lives in `flax_resnet.cpu`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import flax.linen as nn
 from jax import lax
 import jax.numpy as jnp
 
+from flax_resnet.cpu import batch_norm
 from flax_resnet.cpu import conv_general_dilated
-from flax_resnet.cpu import fusion_barrier  # the model calls layers.fusion_barrier
+from flax_resnet.cpu import conv_input_barrier  # the model calls both barriers
+from flax_resnet.cpu import fusion_barrier
 from flax_resnet.cpu import max_pool
 
 ModuleDef = Any
@@ -50,10 +52,60 @@ def make_conv(padding_mode: str, dtype, param_dtype) -> Callable[..., nn.Conv]:
   return conv
 
 
+class BatchNorm(nn.BatchNorm):
+  """`flax.linen.BatchNorm`, whose training gradient is written out.
+
+  A drop-in subclass: same fields, variables (params scale/bias, batch_stats
+  mean/var), running averages, dtypes and forward arithmetic, so checkpoints
+  and converted weights are interchangeable and outputs bit-identical. For
+  the configuration the model uses (channels last, fast variance, float32
+  statistics, no axis_name or mask) training goes through
+  `flax_resnet.cpu.batch_norm`; anything else is Flax's own code.
+  """
+
+  @nn.compact
+  def __call__(self, x, use_running_average: Optional[bool] = None, *,
+               mask=None):
+    if (self.axis not in (-1, x.ndim - 1) or self.axis_name is not None
+        or mask is not None or not self.use_fast_variance
+        or not self.force_float32_reductions):
+      return super().__call__(x, use_running_average, mask=mask)
+    use_running_average = nn.merge_param(
+        'use_running_average', self.use_running_average, use_running_average)
+    channels = (x.shape[-1],)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, channels,
+                                 jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, channels,
+                                jnp.float32)
+    scale = bias = None
+    if self.use_scale:
+      scale = self.param('scale', self.scale_init, channels, self.param_dtype)
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, channels, self.param_dtype)
+    dtype = self.dtype or jnp.result_type(
+        x, *(p for p in (scale, bias) if p is not None))
+    # Flax promotes the per-channel terms to float32 (force_float32_reductions).
+    scale = (jnp.ones(channels, jnp.float32) if scale is None
+             else jnp.asarray(scale, jnp.promote_types(scale.dtype,
+                                                       jnp.float32)))
+    bias = (jnp.zeros(channels, jnp.float32) if bias is None
+            else jnp.asarray(bias, jnp.promote_types(bias.dtype, jnp.float32)))
+    if use_running_average:
+      return batch_norm.normalize(x, running_mean.value, running_var.value,
+                                  scale, bias, self.epsilon, dtype)
+    y, mean, var = batch_norm.batch_norm_train(x, scale, bias, self.epsilon,
+                                               dtype)
+    if not self.is_initializing():
+      momentum = self.momentum
+      running_mean.value = momentum * running_mean.value + (1 - momentum) * mean
+      running_var.value = momentum * running_var.value + (1 - momentum) * var
+    return y
+
+
 def make_norm(train: bool, momentum: float, eps: float, dtype,
-              param_dtype) -> Callable[..., nn.BatchNorm]:
+              param_dtype) -> Callable[..., BatchNorm]:
   return functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=momentum,
+      BatchNorm, use_running_average=not train, momentum=momentum,
       epsilon=eps, dtype=dtype, param_dtype=param_dtype)
 
 

@@ -54,7 +54,7 @@ class ResidualBlock(nn.Module):
 
     if self.preact:
       out = nn.relu(self.norm(name='bn1')(x))
-      out = layers.fusion_barrier(out)
+      out = layers.conv_input_barrier(out)
       # He et al. 2016 / Gluon V2: projections see the pre-activated input,
       # identity, option A and Keras V2's subsampling see the raw input.
       if shortcut is None:
@@ -66,7 +66,7 @@ class ResidualBlock(nn.Module):
       for i, (features, kernel, stride, groups) in enumerate(convs):
         if i:
           y = nn.relu(self.norm(name=f'bn{i + 1}')(y))
-          y = layers.fusion_barrier(y)
+          y = layers.conv_input_barrier(y)
         y = self.conv(features, kernel, stride, groups=groups,
                       use_bias=f'conv{i + 1}' in self.conv_bias,
                       name=f'conv{i + 1}')(y)
@@ -85,7 +85,7 @@ class ResidualBlock(nn.Module):
       y = self.norm(scale_init=scale_init, name=f'bn{i + 1}')(y)
       if i != last:
         y = nn.relu(y)
-        y = layers.fusion_barrier(y)
+        y = layers.conv_input_barrier(y)
     return nn.relu(y + _same_shape(self, y, residual))
 
 
@@ -160,7 +160,7 @@ class Stem(nn.Module):
         x = self.conv(features, 3, stride, use_bias=bias,
                       name=f'conv1_{i + 1}')(x)
         x = nn.relu(self.norm(name=f'bn1_{i + 1}')(x))
-        x = layers.fusion_barrier(x)
+        x = layers.conv_input_barrier(x)
       x = self.conv(self.width, 3, 1, use_bias=bias, name='conv1_3')(x)
     elif self.kind == 'imagenet':
       x = self.conv(self.width, 7, 2, use_bias=bias, name='conv1')(x)
