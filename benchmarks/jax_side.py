@@ -19,6 +19,7 @@ import optax
 
 import flax_resnet
 from flax_resnet import layers
+from flax_resnet.cpu import barrier
 from flax_resnet.cpu import xla_conv
 from flax_resnet.train import optim
 from flax_resnet.train import steps as steps_lib
@@ -40,8 +41,10 @@ class Variant:
   user_jit: not the project's train_step but what a user writes after the
     README's "Use the models": a plain jax.jit of model.apply + optax, no
     compiler options, no donation.
-  batch_norm_vjp: layers.BatchNorm (flax_resnet.cpu.batch_norm's gradient);
-    False swaps in flax.linen.BatchNorm (autodiff's gradient).
+  batch_norm_vjp: layers.BatchNorm (flax_resnet.cpu.batch_norm's gradient)
+    and the extension's aliasing barrier; False swaps in flax.linen.BatchNorm
+    (autodiff's gradient) and the conditional barrier that copies, as the
+    model had them at commit c78c258.
   conv_input_barriers: barriers on conv inputs even with oneDNN convs (as
     the model had them before flax_resnet.cpu.conv_input_barrier).
   """
@@ -106,8 +109,12 @@ def model_variant(variant: Variant):
       stack.enter_context(mock.patch.object(
           layers, 'conv_input_barrier', layers.fusion_barrier))
     if not variant.batch_norm_vjp:
+      # The model before the BatchNorm gradient also had the barrier that
+      # copies.
       stack.enter_context(mock.patch.object(
           layers, 'make_norm', _flax_batch_norm))
+      stack.enter_context(mock.patch.object(
+          barrier, '_cpu_barrier', lambda: barrier._conditional_barrier))  # pylint: disable=protected-access
     yield
 
 

@@ -137,9 +137,21 @@ def _awkward_values(shape, first):
   return jnp.asarray(x)
 
 
+@pytest.fixture(params=['extension', 'conditional'])
+def barrier_kind(request, monkeypatch):
+  """The extension's aliasing call, and the conditional used without it."""
+  if request.param == 'extension':
+    if not onednn.available():
+      pytest.skip(f'extension unavailable: {onednn.unavailable_reason()}')
+  else:
+    monkeypatch.setattr(onednn, 'available', lambda: False)
+  return request.param
+
+
 @pytest.mark.parametrize('first', [1.5, np.nan, np.inf])
-def test_fusion_barrier_returns_its_input_bit_for_bit(first):
+def test_fusion_barrier_returns_its_input_bit_for_bit(first, barrier_kind):
   # A non-finite first element takes the other branch of the conditional.
+  del barrier_kind
   x = _awkward_values((3, 4, 5, 6), first)
   for fn in (layers.fusion_barrier, jax.jit(layers.fusion_barrier)):
     got = np.asarray(fn(x))
@@ -156,19 +168,35 @@ def test_fusion_barrier_passes_gradients_unchanged():
   np.testing.assert_array_equal(grad, jnp.cos(x) * weights)
 
 
-def test_fusion_barrier_survives_xla_cpu_and_vanishes_elsewhere():
+def test_fusion_barrier_survives_xla_cpu_and_vanishes_elsewhere(barrier_kind):
   fn = jax.jit(lambda x: jnp.transpose(
       layers.fusion_barrier(jnp.maximum(x * 2.0 + 1.0, 0.0)), (3, 1, 2, 0)))
   x = jnp.ones((2, 4, 4, 3), jnp.float32)
-  # Optimized CPU HLO: the conditional is still there, so the activation is
+  # Optimized CPU HLO: the barrier is still there, so the activation is
   # materialised instead of being recomputed inside the transpose.
-  assert 'conditional(' in fn.lower(x).compile().as_text()
+  survivor = {'extension': f'custom_call_target="{onednn.MATERIALIZE_TARGET}"',
+              'conditional': 'conditional('}[barrier_kind]
+  assert survivor in fn.lower(x).compile().as_text()
   # Lowered for a GPU, only the identity branch is emitted.
   gpu = fn.trace(x).lower(lowering_platforms=('cuda',)).as_text()
   cpu = fn.trace(x).lower(lowering_platforms=('cpu',)).as_text()
-  for op in ('stablehlo.is_finite', 'stablehlo.sort'):
+  ops = {'extension': [onednn.MATERIALIZE_TARGET],
+         'conditional': ['stablehlo.is_finite', 'stablehlo.sort']}
+  for op in ops[barrier_kind]:
     assert op in cpu
     assert op not in gpu
+
+
+def test_extension_barrier_copies_nothing():
+  if not onednn.available():
+    pytest.skip(f'extension unavailable: {onednn.unavailable_reason()}')
+  fn = jax.jit(lambda x: layers.fusion_barrier(x * 2.0) + 1.0)
+  hlo = fn.lower(jnp.ones((4, 8, 8, 3))).compile().as_text()
+  assert 'output_to_operand_aliasing' in hlo
+  # The producer writes straight into the buffer the call hands on: no copy
+  # of its own between them (a copy fused into the producer costs nothing).
+  entry = hlo[hlo.index('\nENTRY'):]
+  assert ' copy(' not in entry
 
 
 def test_model_with_and_without_barriers_agree():

@@ -46,6 +46,8 @@ _TARGETS = {
     'input_grad': 'FlaxResnetOnednnConvInputGrad',
     'kernel_grad': 'FlaxResnetOnednnConvKernelGrad',
 }
+# The extension's identity call that fusion_barrier uses (onednn_conv.cc).
+MATERIALIZE_TARGET = 'flax_resnet_materialize'
 _DTYPES = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1}
 NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                 out_spec=(0, 3, 1, 2))
@@ -156,6 +158,9 @@ def _load() -> Optional[ctypes.CDLL]:
         jax.ffi.register_ffi_target(
             f'flax_resnet_onednn_conv_{name}',
             jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+      jax.ffi.register_ffi_target(
+          MATERIALIZE_TARGET,
+          jax.ffi.pycapsule(library.FlaxResnetMaterialize), platform='cpu')
       _library = library
     except (BuildError, OSError) as e:
       _failure = str(e)

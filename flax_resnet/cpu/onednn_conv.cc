@@ -303,6 +303,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxResnetOnednnConvKernelGrad,
                               Run<Kind::kKernelGrad>,
                               FLAX_RESNET_CONV_BINDING);
 
+// The identity as an opaque call, for flax_resnet.cpu.fusion_barrier: XLA
+// cannot fuse through a custom call, so the operand's producer is computed
+// once into memory. The result is declared to alias the operand, so there is
+// nothing to copy.
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->untyped_data() != x.untyped_data()) {
+    std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxResnetMaterialize, Materialize,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
 // Called at trace time: builds (and caches) the three primitives of one
 // geometry. Returns 1 if oneDNN supports it, 0 if not (the caller then keeps
 // XLA's convolution).
