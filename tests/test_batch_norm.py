@@ -1,6 +1,7 @@
 """layers.BatchNorm is flax.linen.BatchNorm, with the gradient of flax_resnet.cpu.batch_norm."""
 
 import functools
+from unittest import mock
 
 import chex
 import flax.linen as nn
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flax_resnet
+import conftest
 from flax_resnet import layers
 
 CASES = {
@@ -125,11 +126,7 @@ def test_bf16_gradient_matches_autodiff():
 
 def test_model_trains_the_same_with_flax_batch_norm():
   """Same variables tree, same loss and batch statistics, same gradients."""
-  from unittest import mock  # pylint: disable=g-import-not-at-top
-  model = flax_resnet.create_model('resnet20', num_classes=10)
-  rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  model, x, variables = conftest.small_resnet20_batch()
 
   def step(params):
     def loss(params):

@@ -201,11 +201,8 @@ def test_extension_barrier_copies_nothing():
 
 def test_model_with_and_without_barriers_agree():
   from unittest import mock  # pylint: disable=g-import-not-at-top
-  import flax_resnet  # pylint: disable=g-import-not-at-top
-  model = flax_resnet.create_model('resnet20', num_classes=10)
-  rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  import conftest  # pylint: disable=g-import-not-at-top
+  model, x, variables = conftest.small_resnet20_batch()
 
   def loss(params):
     logits, _ = model.apply(
