@@ -150,7 +150,7 @@ def main() -> None:
   load_before = [round(x, 2) for x in os.getloadavg()]
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or tmp
-    data.prepare('bench_imagenet_jpeg', data_dir)
+    data.prepare.prepare('bench_imagenet_jpeg', data_dir)
     source = tfds.data_source('bench_imagenet_jpeg', split='train',
                               data_dir=data_dir, decoders={
                                   'image': tfds.decode.SkipDecoding()})
