@@ -13,6 +13,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import threading
 
 import chex
 from etils import epath
@@ -390,6 +391,44 @@ def test_imagenet_augmentation_on_jpeg_bytes(jpeg_dir):
   images = np.concatenate([b['image'] for b in batches]).reshape(24, -1)
   assert len(np.unique(images, axis=0)) == 24
   assert_batches_equal(take(data.make_train_iterator(config), 6), batches)
+
+
+def test_train_batches_without_the_jpeg_decoder_take_the_same_crops(
+    jpeg_dir, monkeypatch):
+  """Switched off, PIL decodes: same crop boxes, flips, shapes and dtypes."""
+  from flax_resnet.data import jpeg  # pylint: disable=g-import-not-at-top
+  config = make_config(dataset='fr_test_jpeg', data_dir=jpeg_dir,
+                       num_classes=5, image_size=24, batch_size=4,
+                       prefetch_batches=0)
+  calls = []
+  original = preprocess.StoredImage.crop_resize
+  this_thread = threading.get_ident()
+
+  def recording(self, box, size, reduced_decode=False, flip=False):
+    # Read-ahead threads of other tests' iterators may still be running.
+    if threading.get_ident() == this_thread:
+      calls.append((box, size, reduced_decode, flip))
+    return original(self, box, size, reduced_decode, flip)
+
+  monkeypatch.setattr(preprocess.StoredImage, 'crop_resize', recording)
+  assert jpeg.available(), jpeg.unavailable_reason()
+  with_decoder, with_decoder_calls = take(
+      data.make_train_iterator(config), 4), calls[:]
+  calls.clear()
+  monkeypatch.setattr(jpeg, '_library', None)
+  monkeypatch.setattr(jpeg, '_failure', 'switched off by the test')
+  with_pil = take(data.make_train_iterator(config), 4)
+  assert calls == with_decoder_calls and len(calls) == 1 + 4 * 4
+  for ours, pils in zip(with_decoder, with_pil):
+    assert ours.keys() == pils.keys()
+    chex.assert_equal_shape([ours['image'], pils['image']])
+    chex.assert_type([ours['image'], pils['image'], ours['label']],
+                     [np.float32, np.float32, np.int32])
+    np.testing.assert_array_equal(ours['label'], pils['label'])
+    # Same decoded pixels; PIL's resize may round in another pass order on
+    # the smaller window (tests/test_jpeg.py): one level, divided by std.
+    np.testing.assert_allclose(ours['image'], pils['image'], rtol=0,
+                               atol=1.0001 / min(config.std_rgb))
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,11 @@
-"""`python -m flax_resnet.cpu`: builds the oneDNN extension now (CI, images)."""
+"""`python -m flax_resnet.cpu`: builds the native extensions now (CI, images).
+
+The oneDNN convolutions (flax_resnet/cpu/onednn.py) and the JPEG crop decoder
+of the input pipeline (flax_resnet/data/jpeg.py).
+"""
 
 from flax_resnet.cpu import onednn
+from flax_resnet.data import jpeg
 
+jpeg.main()
 onednn.main()

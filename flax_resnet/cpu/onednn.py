@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 from typing import Optional
 
@@ -38,6 +34,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_resnet import native
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        'onednn_conv.cc')
@@ -54,9 +52,7 @@ NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
 
 log = logging.getLogger('flax_resnet')
 
-
-class BuildError(RuntimeError):
-  """The extension cannot be built or loaded here (a one-line reason)."""
+BuildError = native.BuildError
 
 
 def _onednn_prefix() -> str:
@@ -77,23 +73,13 @@ def _onednn_prefix() -> str:
   raise BuildError('onednn-cpu-gomp lists no libdnnl.so')
 
 
-def _cache_dir() -> str:
-  root = os.environ.get('FLAX_RESNET_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
-      'flax_resnet')
-  return root
-
-
 def library_path() -> str:
   """Where the extension for this source, jaxlib and oneDNN lives."""
   prefix = _onednn_prefix()
-  key = hashlib.sha256()
-  with open(_SOURCE, 'rb') as f:
-    key.update(f.read())
-  key.update(importlib.metadata.version('jaxlib').encode())
-  key.update(importlib.metadata.version('onednn-cpu-gomp').encode())
-  key.update(prefix.encode())
-  return os.path.join(_cache_dir(), f'onednn_conv-{key.hexdigest()[:16]}.so')
+  return native.library_path(
+      'onednn_conv', _SOURCE,
+      (importlib.metadata.version('jaxlib'),
+       importlib.metadata.version('onednn-cpu-gomp'), prefix))
 
 
 def build(path: Optional[str] = None) -> str:
@@ -103,30 +89,11 @@ def build(path: Optional[str] = None) -> str:
     raise BuildError(f'oneDNN wheels exist for x86-64 Linux only, not '
                      f'{sysconfig.get_platform()}')
   prefix = _onednn_prefix()
-  path = path or library_path()
-  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which(
-      'c++')
-  if not compiler:
-    raise BuildError('no C++ compiler (g++) on PATH')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   lib_dir = os.path.join(prefix, 'lib')
-  with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix='.so',
-                                   delete=False) as tmp:
-    pass
-  cmd = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
-         f'-I{jax.ffi.include_dir()}', f'-I{os.path.join(prefix, "include")}',
-         _SOURCE, '-o', tmp.name, f'-L{lib_dir}', '-ldnnl',
-         f'-Wl,-rpath,{lib_dir}']
-  try:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode:
-      first = (result.stderr.strip().splitlines() or ['?'])[0]
-      raise BuildError(f'{os.path.basename(compiler)} failed: {first}')
-    os.replace(tmp.name, path)
-  finally:
-    if os.path.exists(tmp.name):
-      os.unlink(tmp.name)
-  return path
+  return native.compile_library(
+      _SOURCE, path or library_path(),
+      [f'-I{jax.ffi.include_dir()}', f'-I{os.path.join(prefix, "include")}'],
+      [f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}'])
 
 
 _lock = threading.Lock()

@@ -88,8 +88,8 @@ def make_train_iterator(config, *, process_index: int = 0,
   check_config(config, process_index=process_index,
                process_count=process_count)
   source = sources.open_source(config, 'train_split')
-  transform = preprocess.TrainPreprocess(
-      preprocess.PreprocessOptions.from_config(config, 'train_split'))
+  options = preprocess.PreprocessOptions.from_config(config, 'train_split')
+  transform = preprocess.TrainPreprocess(options)
   # Surface bad data (rank, dtype, channels, labels) here rather than later
   # from inside a read-ahead thread or a worker process.
   transform.random_map(source[0], np.random.default_rng(0))
@@ -99,7 +99,8 @@ def make_train_iterator(config, *, process_index: int = 0,
              .repeat()
              .random_map(transform)
              [process_index::process_count]
-             .batch(config.batch_size // process_count, drop_remainder=True))
+             .batch(config.batch_size // process_count, drop_remainder=True,
+                    batch_fn=preprocess.NormalizedBatch(options)))
   order = {'dataset': config.dataset, 'train_split': config.train_split,
            'num_examples': len(source), 'seed': config.seed,
            'batch_size': config.batch_size}

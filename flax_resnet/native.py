@@ -1,0 +1,65 @@
+"""Compiling the project's small C++ extensions at first use.
+
+The oneDNN convolutions (flax_resnet/cpu/onednn.py) and the JPEG crop decoder
+(flax_resnet/data/jpeg.py) are each one C++ file, compiled with g++ on first
+use into $FLAX_RESNET_CACHE (default ~/.cache/flax_resnet) under a name keyed
+by the source and what it links against, and loaded with ctypes. Building at
+first use rather than at `pip install` keeps the project a plain pure-Python
+package (no build isolation, editable installs work). The library is written
+to a temporary file and renamed into place, so processes building it at the
+same time (pytest-xdist workers) each see either nothing or a whole library.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Iterable
+
+
+class BuildError(RuntimeError):
+  """An extension cannot be built or loaded here (a one-line reason)."""
+
+
+def cache_dir() -> str:
+  return os.environ.get('FLAX_RESNET_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
+      'flax_resnet')
+
+
+def library_path(name: str, source: str, key_parts: Iterable[str]) -> str:
+  """Where the library `name` built from `source` (and key_parts) lives."""
+  key = hashlib.sha256()
+  with open(source, 'rb') as f:
+    key.update(f.read())
+  for part in key_parts:
+    key.update(part.encode())
+  return os.path.join(cache_dir(), f'{name}-{key.hexdigest()[:16]}.so')
+
+
+def compile_library(source: str, path: str, compile_flags: Iterable[str],
+                    link_flags: Iterable[str]) -> str:
+  """Compiles `source` into the shared library `path` atomically."""
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which(
+      'c++')
+  if not compiler:
+    raise BuildError('no C++ compiler (g++) on PATH')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix='.so',
+                                   delete=False) as tmp:
+    pass
+  cmd = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+         *compile_flags, source, '-o', tmp.name, *link_flags]
+  try:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode:
+      lines = result.stderr.strip().splitlines() or ['?']
+      # The first line is often only "In function ...": name the error.
+      first = next((line for line in lines if 'error' in line), lines[0])
+      raise BuildError(f'{os.path.basename(compiler)} failed: {first}')
+    os.replace(tmp.name, path)
+  finally:
+    if os.path.exists(tmp.name):
+      os.unlink(tmp.name)
+  return path
