@@ -17,7 +17,6 @@ after one warning line. FLAX_RESNET_JPEG=0 switches it off.
 import ctypes
 import logging
 import os
-import sys
 import sysconfig
 import threading
 from typing import Optional
@@ -153,8 +152,10 @@ def decode_crop(data: bytes, scale: int, left: int, top: int, width: int,
 
 
 def main() -> None:
-  """Builds the extension now (CI, images); prints where it is."""
-  if not available():
-    print(f'error: JPEG crop decoder: {_failure}', file=sys.stderr)
-    sys.exit(1)
-  print(library_path())
+  """Builds the extension now (CI, images); prints where it is.
+
+  A machine without libjpeg-turbo's headers still trains (PIL decodes whole
+  JPEGs), so that is a warning, not a failure.
+  """
+  if available():  # otherwise it has warned, in one line
+    print(library_path())
