@@ -7,7 +7,9 @@ build the same archives, and the two datasets must agree example by example.
 No test touches the network.
 """
 
+import io
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -284,3 +286,24 @@ def test_folder_dataset_reads_the_tree_directly(tmp_path):
   with pytest.raises(ValueError, match=r'has 3 classes .*\[.cat., .dog., '
                      r'.eel.\]'):
     data.dataset_info(config)
+
+
+def test_folder_dataset_names_a_truncated_jpeg(tmp_path):
+  """Its header reads fine (it passes the start-up check); its pixels do not."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from flax_resnet import data  # pylint: disable=g-import-not-at-top
+  make_image_folder(tmp_path / 'pets')
+  path = os.path.join(str(tmp_path), 'pets', 'train', 'cat', 'big.jpg')
+  pixels = np.random.default_rng(1).integers(0, 256, (64, 80, 3), np.uint8)
+  encoded = io.BytesIO()
+  Image.fromarray(pixels).save(encoded, format='JPEG', quality=90)
+  with open(path, 'wb') as f:
+    f.write(encoded.getvalue()[:len(encoded.getvalue()) // 2])
+  config = base.get_config()
+  config.dataset = f'folder:{tmp_path / "pets"}'
+  config.num_classes, config.image_size = 3, 8
+  config.batch_size, config.worker_count = 10, 0
+  iterator = data.make_train_iterator(config)
+  with pytest.raises(ValueError, match=re.escape(f"file_name '{path}'")):
+    next(iterator)
+  iterator.close()

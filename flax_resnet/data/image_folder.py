@@ -142,7 +142,8 @@ class ImageFolder:
 
 
 class FolderSource:
-  """Random access to one split, as {'image': encoded bytes, 'label': int}."""
+  """Random access to one split: {'image': encoded bytes, 'label': int,
+  'file_name': the file's path} (the path names the file in decode errors)."""
 
   def __init__(self, folder: ImageFolder, split: str):
     self._folder = folder
@@ -154,7 +155,8 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     path, label = self._files[index]
-    return {'image': self._folder.encoded(path), 'label': np.int64(label)}
+    return {'image': self._folder.encoded(path), 'label': np.int64(label),
+            'file_name': path}
 
   def __repr__(self) -> str:
     return (f'FolderSource({self._folder.root!r}, split={self._split!r}, '

@@ -20,6 +20,7 @@ changing worker_count, prefetch_batches or process_count. It is a
 (`grain.checkpoint.CheckpointSave` / `CheckpointRestore`) saves it too.
 """
 
+import gc
 import math
 
 from absl import flags
@@ -270,8 +271,9 @@ def release_shared_memory() -> None:
   shared_memory objects". Collecting the dropped batches and waiting for that
   thread here frees them all. (grain 0.2.18 has no public call for this.)
   """
-  import gc  # pylint: disable=g-import-not-at-top
   try:
+    # Also ImportError when an abandoned iterator is closed at interpreter
+    # shutdown: nothing is left to release then.
     from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
