@@ -10,12 +10,17 @@ to a temporary file and renamed into place, so processes building it at the
 same time (pytest-xdist workers) each see either nothing or a whole library.
 """
 
+import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
-from typing import Iterable
+import threading
+from typing import Iterable, Optional
+
+log = logging.getLogger('flax_resnet')
 
 
 class BuildError(RuntimeError):
@@ -63,3 +68,51 @@ def compile_library(source: str, path: str, compile_flags: Iterable[str],
     if os.path.exists(tmp.name):
       os.unlink(tmp.name)
   return path
+
+
+class LazyLibrary:
+  """An extension loaded on first use: built if needed, or one warning line.
+
+  load() returns the ctypes library, or None when it is switched off (the
+  environment variable `switch` set to 0: silent) or cannot be built or
+  loaded (`failure` says why; logged once, with `fallback`).
+  """
+
+  def __init__(self, what: str, switch: str, fallback: str, path, build,
+               setup):
+    """path() -> str; build(path); setup(library) declares and registers."""
+    self._what, self._switch, self._fallback = what, switch, fallback
+    self._path, self._build, self._setup = path, build, setup
+    self._lock = threading.Lock()
+    self.library: Optional[ctypes.CDLL] = None
+    self.failure: Optional[str] = None
+
+  def load(self) -> Optional[ctypes.CDLL]:
+    if self.library is not None or self.failure is not None:
+      return self.library
+    with self._lock:
+      if self.library is not None or self.failure is not None:
+        return self.library
+      if os.environ.get(self._switch, '1') == '0':
+        self.failure = f'{self._switch}=0'
+        return None
+      try:
+        path = self._path()
+        if not os.path.exists(path):
+          self._build(path)
+        library = ctypes.CDLL(path)
+        self._setup(library)
+        self.library = library
+      except (BuildError, OSError, AttributeError) as e:
+        self.failure = str(e)
+        log.warning('flax_resnet: %s unavailable (%s); %s', self._what,
+                    self.failure, self._fallback)
+    return self.library
+
+  def available(self) -> bool:
+    """True if the extension is built and loaded."""
+    return self.load() is not None
+
+  def unavailable_reason(self) -> Optional[str]:
+    self.load()
+    return self.failure

@@ -415,8 +415,8 @@ def test_train_batches_without_the_jpeg_decoder_take_the_same_crops(
   with_decoder, with_decoder_calls = take(
       data.make_train_iterator(config), 4), calls[:]
   calls.clear()
-  monkeypatch.setattr(jpeg, '_library', None)
-  monkeypatch.setattr(jpeg, '_failure', 'switched off by the test')
+  monkeypatch.setattr(jpeg.extension, 'library', None)
+  monkeypatch.setattr(jpeg.extension, 'failure', 'switched off by the test')
   with_pil = take(data.make_train_iterator(config), 4)
   assert calls == with_decoder_calls and len(calls) == 1 + 4 * 4
   for ours, pils in zip(with_decoder, with_pil):

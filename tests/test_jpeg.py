@@ -68,8 +68,8 @@ def extension():
 
 
 def without_extension(monkeypatch):
-  monkeypatch.setattr(jpeg, '_library', None)
-  monkeypatch.setattr(jpeg, '_failure', 'switched off by the test')
+  monkeypatch.setattr(jpeg.extension, 'library', None)
+  monkeypatch.setattr(jpeg.extension, 'failure', 'switched off by the test')
 
 
 @pytest.mark.parametrize('height,width', SIZES)

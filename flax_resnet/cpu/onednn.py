@@ -27,7 +27,6 @@ import logging
 import os
 import sys
 import sysconfig
-import threading
 from typing import Optional
 
 import jax
@@ -96,54 +95,28 @@ def build(path: Optional[str] = None) -> str:
       [f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}'])
 
 
-_lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
-_failure: Optional[str] = None
+def _register(library: ctypes.CDLL) -> None:
+  library.FlaxResnetOnednnConvSupported.restype = ctypes.c_int
+  library.FlaxResnetOnednnConvSupported.argtypes = (
+      [ctypes.c_int] + [ctypes.c_int64] * 14)
+  library.FlaxResnetOnednnVersion.restype = ctypes.c_char_p
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(
+        f'flax_resnet_onednn_conv_{name}',
+        jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+  jax.ffi.register_ffi_target(
+      MATERIALIZE_TARGET,
+      jax.ffi.pycapsule(library.FlaxResnetMaterialize), platform='cpu')
 
 
-def _load() -> Optional[ctypes.CDLL]:
-  """The registered extension, built if needed; None (warned once) if not."""
-  global _library, _failure
-  if _library is not None or _failure is not None:
-    return _library
-  with _lock:
-    if _library is not None or _failure is not None:
-      return _library
-    if os.environ.get('FLAX_RESNET_ONEDNN', '1') == '0':
-      _failure = 'FLAX_RESNET_ONEDNN=0'
-      return None
-    try:
-      path = library_path()
-      if not os.path.exists(path):
-        build(path)
-      library = ctypes.CDLL(path)
-      library.FlaxResnetOnednnConvSupported.restype = ctypes.c_int
-      library.FlaxResnetOnednnConvSupported.argtypes = (
-          [ctypes.c_int] + [ctypes.c_int64] * 14)
-      library.FlaxResnetOnednnVersion.restype = ctypes.c_char_p
-      for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(
-            f'flax_resnet_onednn_conv_{name}',
-            jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
-      jax.ffi.register_ffi_target(
-          MATERIALIZE_TARGET,
-          jax.ffi.pycapsule(library.FlaxResnetMaterialize), platform='cpu')
-      _library = library
-    except (BuildError, OSError) as e:
-      _failure = str(e)
-      log.warning('flax_resnet: oneDNN convolutions unavailable (%s); '
-                  "using XLA's, slower on CPU", _failure)
-  return _library
+extension = native.LazyLibrary(
+    'oneDNN convolutions', 'FLAX_RESNET_ONEDNN', "using XLA's, slower on CPU",
+    library_path, build, _register)
 
 
-def available() -> bool:
-  """True if the oneDNN extension is built and registered."""
-  return _load() is not None
-
-
-def unavailable_reason() -> Optional[str]:
-  _load()
-  return _failure
+_load = extension.load
+available = extension.available
+unavailable_reason = extension.unavailable_reason
 
 
 def version() -> Optional[str]:
@@ -258,6 +231,6 @@ def main() -> None:
     print(f'error: oneDNN extension: {e}', file=sys.stderr)
     sys.exit(1)
   if not available():
-    print(f'error: oneDNN extension: {_failure}', file=sys.stderr)
+    print(f'error: oneDNN extension: {extension.failure}', file=sys.stderr)
     sys.exit(1)
   print(f'{path} (oneDNN {version()})')

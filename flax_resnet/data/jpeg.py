@@ -18,7 +18,6 @@ import ctypes
 import logging
 import os
 import sysconfig
-import threading
 from typing import Optional
 
 import numpy as np
@@ -53,52 +52,26 @@ def build(path: Optional[str] = None) -> str:
     raise
 
 
-_lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
-_failure: Optional[str] = None
+def _declare(library: ctypes.CDLL) -> None:
+  library.FlaxResnetJpegInfo.restype = ctypes.c_int
+  library.FlaxResnetJpegInfo.argtypes = (
+      ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int),
+      ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int)
+  library.FlaxResnetJpegDecodeCrop.restype = ctypes.c_int
+  library.FlaxResnetJpegDecodeCrop.argtypes = (
+      ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+      ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+      ctypes.c_char_p, ctypes.c_int)
 
 
-def _load() -> Optional[ctypes.CDLL]:
-  """The extension, built if needed; None (warned once) if it cannot be."""
-  global _library, _failure
-  if _library is not None or _failure is not None:
-    return _library
-  with _lock:
-    if _library is not None or _failure is not None:
-      return _library
-    if os.environ.get('FLAX_RESNET_JPEG', '1') == '0':
-      _failure = 'FLAX_RESNET_JPEG=0'
-      return None
-    try:
-      path = library_path()
-      if not os.path.exists(path):
-        build(path)
-      library = ctypes.CDLL(path)
-      library.FlaxResnetJpegInfo.restype = ctypes.c_int
-      library.FlaxResnetJpegInfo.argtypes = (
-          ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int),
-          ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int)
-      library.FlaxResnetJpegDecodeCrop.restype = ctypes.c_int
-      library.FlaxResnetJpegDecodeCrop.argtypes = (
-          ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-          ctypes.c_char_p, ctypes.c_int)
-      _library = library
-    except (native.BuildError, OSError, AttributeError) as e:
-      _failure = str(e)
-      log.warning('flax_resnet: crop-window JPEG decoder unavailable (%s); '
-                  'decoding JPEGs with PIL, slower', _failure)
-  return _library
+extension = native.LazyLibrary(
+    'crop-window JPEG decoder', 'FLAX_RESNET_JPEG',
+    'decoding JPEGs with PIL, slower', library_path, build, _declare)
 
 
-def available() -> bool:
-  """True if the extension is built and loaded."""
-  return _load() is not None
-
-
-def unavailable_reason() -> Optional[str]:
-  _load()
-  return _failure
+_load = extension.load
+available = extension.available
+unavailable_reason = extension.unavailable_reason
 
 
 def is_jpeg(data: bytes) -> bool:
