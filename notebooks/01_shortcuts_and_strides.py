@@ -579,14 +579,7 @@ STAGES = {'stem_out': 'maxpool', 'stage1': 'layer1', 'stage2': 'layer2',
 
 torch.manual_seed(0)
 torch_net = torchvision_source.build('resnet18').eval()
-generator = torch.Generator().manual_seed(1)
-with torch.no_grad():
-  for m in torch_net.modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-      m.weight.uniform_(0.5, 1.5, generator=generator)
-      m.bias.uniform_(-0.5, 0.5, generator=generator)
-      m.running_mean.uniform_(-0.5, 0.5, generator=generator)
-      m.running_var.uniform_(0.5, 2.0, generator=generator)
+torchvision_source.randomize_batch_norms(torch_net, seed=1)
 
 images = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
 torch_features = {}

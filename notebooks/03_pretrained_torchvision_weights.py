@@ -66,14 +66,7 @@ folder = pathlib.Path(tempfile.mkdtemp(prefix='weights_'))
 # %%
 torch.manual_seed(0)
 torch_model = torchvision_source.build('resnet50').eval()
-generator = torch.Generator().manual_seed(1)
-with torch.no_grad():
-  for m in torch_model.modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-      m.weight.uniform_(0.5, 1.5, generator=generator)
-      m.bias.uniform_(-0.5, 0.5, generator=generator)
-      m.running_mean.uniform_(-0.5, 0.5, generator=generator)
-      m.running_var.uniform_(0.5, 2.0, generator=generator)
+torchvision_source.randomize_batch_norms(torch_model, seed=1)
 
 state_dict = torch_model.state_dict()
 pth_path = folder / 'resnet50-local.pth'

@@ -38,23 +38,11 @@ def rel_err(ours, reference) -> float:
   return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
-def randomize_batchnorm(module: torch.nn.Module, seed: int) -> None:
-  """Fresh torch BNs are the identity at eval time; make every one count."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5, generator=generator)
-        m.bias.uniform_(-0.5, 0.5, generator=generator)
-        m.running_mean.uniform_(-0.5, 0.5, generator=generator)
-        m.running_var.uniform_(0.5, 2.0, generator=generator)
-
-
 @functools.lru_cache(maxsize=None)
 def torchvision_model(name: str) -> torch.nn.Module:
   torch.manual_seed(0)
   model = torchvision_source.build(name).eval()
-  randomize_batchnorm(model, seed=1)
+  torchvision_source.randomize_batch_norms(model, seed=1)
   return model
 
 
@@ -169,7 +157,7 @@ def hf_model(layer_type: str, depths, hidden_sizes, **config):
       embedding_size=64, hidden_sizes=list(hidden_sizes), depths=list(depths),
       layer_type=layer_type, hidden_act='relu', num_labels=1000,
       downsample_in_first_stage=False, **config)).eval()
-  randomize_batchnorm(model, seed=2)
+  torchvision_source.randomize_batch_norms(model, seed=2)
   return model
 
 
@@ -226,7 +214,7 @@ def test_batchnorm_train_step_convention():
   move the running mean identically; torch's running_var takes the unbiased
   variance, so its batch term is n / (n - 1) times Flax's."""
   torch_model = torchvision_source.build('resnet18')
-  randomize_batchnorm(torch_model, seed=3)
+  torchvision_source.randomize_batch_norms(torch_model, seed=3)
   before = {k: v.detach().numpy().astype(np.float64).copy()
             for k, v in torch_model.state_dict().items()}
   variables = convert.torch_to_flax(torch_model.state_dict(), 'resnet18')

@@ -137,3 +137,20 @@ def build(name: str, **kwargs):
   if not hasattr(module, name):
     raise ValueError(f'torchvision has no model {name!r}')
   return getattr(module, name)(weights=None, **kwargs)
+
+
+def randomize_batch_norms(model, seed: int) -> None:
+  """Random weights and running statistics for every BatchNorm2d of `model`.
+
+  A fresh BatchNorm is the identity in eval mode, which would hide a wrong
+  mapping of its statistics in a weight-conversion check.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5, generator=generator)
+        m.bias.uniform_(-0.5, 0.5, generator=generator)
+        m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+        m.running_var.uniform_(0.5, 2.0, generator=generator)
