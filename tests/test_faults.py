@@ -193,11 +193,22 @@ def run_reference(root) -> pathlib.Path:
 
 
 def wait_for_moment(kind: str, rng: random.Random, run: Run, workdir) -> str:
-  """Waits for the moment `kind` names; returns a description of it."""
+  """Waits for the moment `kind` names; returns a description of it.
+
+  Moments are bounded in steps, not seconds: a step of fault_config takes
+  ~0.1 s on one core and much less on a fast one, so a wall-clock delay could
+  let a run train to its end before the signal (the chain must stop short of
+  step 24 every time).
+  """
   if kind == 'startup':  # imports, compilation or the restore
-    delay = rng.uniform(2.0, 10.0)
-    time.sleep(delay)
-    return f'startup +{delay:.1f}s'
+    delay = rng.uniform(0.5, 10.0)
+    deadline = time.time() + delay
+    while time.time() < deadline and 'compiled the train step' not in (
+        run.output()):
+      assert run.alive(), f'run ended during startup:\n{run.output()[-3000:]}'
+      time.sleep(0.002)
+    waited = delay - max(0.0, deadline - time.time())
+    return f'startup +{waited:.1f}s'
   if kind == 'saving':  # arrays are being written into a new tmp folder
     # (one left by an earlier kill is replaced when its step is saved again)
     stale = save_folders(workdir)
@@ -217,15 +228,20 @@ def wait_for_moment(kind: str, rng: random.Random, run: Run, workdir) -> str:
 
     seen = step_dirs(workdir)
     wait_until(new_step_with_old_to_prune, run, 'a step beyond the kept ones')
-    delay = rng.uniform(0.0, 0.1)
+    delay = rng.uniform(0.0, 0.05)
     time.sleep(delay)
     return f'new step, pruning +{delay:.2f}s'
-  if kind == 'training':  # a random step, at a random moment of it
-    target = logged_steps(workdir) + rng.randint(1, 6)
+  if kind == 'training':  # a random step, at a random moment of the next one
+    # metrics.jsonl may still hold steps a kill lost until the run truncates
+    # it, so the two steps waited for are beyond anything logged so far.
+    target = logged_steps(workdir) + rng.randint(2, 4)
+    wait_until(lambda: logged_steps(workdir) >= target - 1, run,
+               f'step {target - 1}')
+    started = time.time()
     wait_until(lambda: logged_steps(workdir) >= target, run, f'step {target}')
-    delay = rng.uniform(0.0, 0.3)
-    time.sleep(delay)
-    return f'training, step {target} +{delay:.2f}s'
+    fraction = rng.random()
+    time.sleep(fraction * min(time.time() - started, 0.2))
+    return f'training, step {target} +{fraction:.2f} of a step'
   raise ValueError(kind)
 
 
