@@ -240,10 +240,11 @@ class JaxContestant:
   def train(self, steps: int) -> None:
     with model_variant(self._variant):
       for _ in range(steps):
-        self.state, metrics = self.train_step(self.state, self.batch)
-    jax.block_until_ready((self.state, metrics))
+        self.state, _ = self.train_step(self.state, self.batch)
+    jax.block_until_ready(self.state)
 
   def eval(self, steps: int) -> None:
+    out = None
     with model_variant(self._variant):
       for _ in range(steps):
         out = self.eval_step(self.state, self.eval_batch)

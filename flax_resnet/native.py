@@ -28,9 +28,13 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> str:
-  return os.environ.get('FLAX_RESNET_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
-      'flax_resnet')
+  """$FLAX_RESNET_CACHE, else $XDG_CACHE_HOME/flax_resnet, else ~/.cache/...
+
+  The one cache folder: built extensions, downloaded weights, the torchvision
+  wheel the reference tests read.
+  """
+  return os.path.expanduser(os.environ.get('FLAX_RESNET_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or '~/.cache', 'flax_resnet'))
 
 
 def library_path(name: str, source: str, key_parts: Iterable[str]) -> str:

@@ -21,6 +21,8 @@ import urllib.request
 import zipfile
 from typing import Optional
 
+from flax_resnet import native
+
 # Seconds to wait for a connection or for the next bytes: an unreachable
 # network fails fast instead of hanging.
 TIMEOUT_S = 10.0
@@ -36,9 +38,8 @@ class ChecksumMismatch(ValueError):
 
 
 def cache_dir() -> pathlib.Path:
-  """$FLAX_RESNET_CACHE, default ~/.cache/flax_resnet."""
-  return pathlib.Path(os.path.expanduser(os.environ.get(
-      'FLAX_RESNET_CACHE', os.path.join('~', '.cache', 'flax_resnet'))))
+  """$FLAX_RESNET_CACHE, default ~/.cache/flax_resnet (see native.cache_dir)."""
+  return pathlib.Path(native.cache_dir())
 
 
 def cache_path(url: str, member: Optional[str] = None) -> pathlib.Path:

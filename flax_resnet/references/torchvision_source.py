@@ -25,9 +25,10 @@ import types
 import zipfile
 from typing import Any
 
+from flax_resnet import native
+
 TORCHVISION_VERSION = '0.29.1'
-CACHE = pathlib.Path(os.environ.get(
-    'FLAX_RESNET_CACHE', pathlib.Path.home() / '.cache' / 'flax_resnet'))
+CACHE = pathlib.Path(native.cache_dir())  # the extensions' cache, same rules
 _PACKAGE = '_flax_resnet_torchvision_ref'
 
 
