@@ -172,6 +172,24 @@ def test_cache_hit_with_the_server_gone(server, registered, weights_file):
   assert_same_variables(loaded, variables)
 
 
+def test_one_cache_folder_for_weights_extensions_and_the_wheel(
+    monkeypatch, tmp_path):
+  """$FLAX_RESNET_CACHE, else $XDG_CACHE_HOME/flax_resnet, else ~/.cache."""
+  from flax_resnet import native  # pylint: disable=g-import-not-at-top
+  url = 'https://host.example/models/r20.safetensors'
+  monkeypatch.delenv('FLAX_RESNET_CACHE')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
+  assert native.cache_dir() == str(tmp_path / 'home' / '.cache' / 'flax_resnet')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert native.cache_dir() == str(tmp_path / 'xdg' / 'flax_resnet')
+  monkeypatch.setenv('FLAX_RESNET_CACHE', '~/mine')
+  assert native.cache_dir() == str(tmp_path / 'home' / 'mine')
+  assert pretrained.cache_path(url) == (
+      tmp_path / 'home' / 'mine' / 'weights' / 'host.example' / 'models' /
+      'r20.safetensors')
+
+
 def test_corrupted_download_is_discarded(server, registered, weights_file,
                                          cache):
   data, _ = weights_file
