@@ -29,7 +29,7 @@ unavailable, by PIL. (PIL's resize then sees a smaller image and may run its
 two passes in the other order: results can differ by one level of 255.)
 
 Training images leave `TrainPreprocess` as uint8 and are normalised as they
-are copied into the batch (`NormalizedBatch`): one float32 pass per image.
+are copied into the batch (`NormalizedBatch`), by table lookup (pixels.py).
 """
 
 import dataclasses
@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from flax_resnet.data import jpeg
+from flax_resnet.data import pixels
 
 AUGMENTATIONS = ('imagenet', 'cifar', 'none')
 CIFAR_PAD = 4
@@ -404,6 +405,7 @@ class _Normalizer:
   def __init__(self, options: PreprocessOptions):
     self._mean = np.asarray(options.mean_rgb, np.float32)
     self._std = np.asarray(options.std_rgb, np.float32)
+    self._table = pixels.normalization_table(self._mean, self._std)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != self._mean.size:
@@ -414,6 +416,8 @@ class _Normalizer:
 
   def write(self, image: np.ndarray, out: np.ndarray) -> None:
     """Normalises uint8 (H, W, 3) `image` into float32 `out` of its shape."""
+    if pixels.normalize_into(image, self._table, out):
+      return
     # The same float32 operations, on rows against the constants tiled along
     # a row: numpy then runs its vector loops over whole rows, not over
     # 3-element inner loops (2.5x faster on 224x224, bit for bit equal).
