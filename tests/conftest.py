@@ -19,3 +19,44 @@ def small_resnet20_batch():
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
   return model, x, model.init(jax.random.PRNGKey(0), x)
+
+
+def check_extension_fallback(script: str, switch: str, warning_mentions: str,
+                             cache_dir) -> None:
+  """A native extension switched off, or failing to build, still works.
+
+  Runs `script` (which uses the extension three times, then prints
+  'available', available(), unavailable_reason()) in a fresh process with
+  `switch`=0 and with a compiler that always fails, the build cache empty:
+  it must succeed, say why the extension is unavailable, and warn about it in
+  exactly one stderr line mentioning `warning_mentions`, or in none when it
+  was switched off on purpose.
+  """
+  # pylint: disable=g-import-not-at-top
+  import subprocess
+  base_env = {k: v for k, v in os.environ.items() if k not in (switch, 'CXX')}
+  base_env['FLAX_RESNET_CACHE'] = str(cache_dir)
+  for extra, reason in [({switch: '0'}, f'{switch}=0'),
+                        ({'CXX': '/bin/false'}, 'false failed')]:
+    result = subprocess.run([sys.executable, '-c', script],
+                            env={**base_env, **extra}, capture_output=True,
+                            text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f'available False {reason}' in result.stdout
+    warnings = [line for line in result.stderr.splitlines()
+                if warning_mentions in line]
+    assert len(warnings) == (0 if switch in extra else 1), result.stderr
+
+
+def require_extension(module, what: str) -> None:
+  """Skips a test without the native extension `module`; fails it in CI.
+
+  CI builds every extension first (python -m flax_resnet.cpu), so there an
+  unavailable one is a failure, not a skip.
+  """
+  import pytest  # pylint: disable=g-import-not-at-top
+  if not module.available():
+    message = f'{what} unavailable: {module.unavailable_reason()}'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(message)
+    pytest.skip(message)

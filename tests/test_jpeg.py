@@ -6,11 +6,9 @@ pixels as PIL's full decode at the same DCT scale, cropped.
 """
 
 import io
-import os
-import subprocess
-import sys
 import textwrap
 
+import conftest
 import numpy as np
 from PIL import Image
 import pytest
@@ -59,12 +57,7 @@ def windows(height: int, width: int, rng: np.random.Generator):
 
 @pytest.fixture(autouse=True)
 def extension():
-  # CI builds it (python -m flax_resnet.cpu): there, unavailable is a failure.
-  if not jpeg.available():
-    message = f'JPEG crop decoder unavailable: {jpeg.unavailable_reason()}'
-    if os.environ.get('CI') == 'true':
-      pytest.fail(message)
-    pytest.skip(message)
+  conftest.require_extension(jpeg, 'JPEG crop decoder')
 
 
 def without_extension(monkeypatch):
@@ -195,18 +188,5 @@ def test_switch_off_and_build_failure_warn_once_and_fall_back(tmp_path):
       assert image.shape == (8, 8, 3)
       print('available', jpeg.available(), jpeg.unavailable_reason())
   ''')
-  base_env = {k: v for k, v in os.environ.items()
-              if k not in ('FLAX_RESNET_JPEG', 'CXX')}
-  base_env['FLAX_RESNET_CACHE'] = str(tmp_path / 'cache')
-  for extra, reason in [({'FLAX_RESNET_JPEG': '0'}, 'FLAX_RESNET_JPEG=0'),
-                        ({'CXX': '/bin/false'}, 'false failed')]:
-    result = subprocess.run([sys.executable, '-c', script],
-                            env={**base_env, **extra}, capture_output=True,
-                            text=True, check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f'available False {reason}' in result.stdout
-    warnings = [line for line in result.stderr.splitlines()
-                if 'JPEG decoder' in line]
-    # Switched off on purpose: silent; failed to build: one line.
-    assert len(warnings) == (0 if 'FLAX_RESNET_JPEG' in extra else 1), (
-        result.stderr)
+  conftest.check_extension_fallback(script, 'FLAX_RESNET_JPEG', 'JPEG decoder',
+                                    tmp_path / 'cache')

@@ -5,11 +5,9 @@ bit, for every pixel value and channel, whatever the strides of the image;
 where it cannot help it writes nothing and the numpy path runs instead.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
+import conftest
 import numpy as np
 import pytest
 
@@ -22,12 +20,7 @@ CIFAR = ((125.307, 122.95, 113.865), (62.9932, 62.0887, 66.7048))
 
 @pytest.fixture(autouse=True)
 def extension():
-  # CI builds it (python -m flax_resnet.cpu): there, unavailable is a failure.
-  if not pixels.available():
-    message = f'pixel normaliser unavailable: {pixels.unavailable_reason()}'
-    if os.environ.get('CI') == 'true':
-      pytest.fail(message)
-    pytest.skip(message)
+  conftest.require_extension(pixels, 'pixel normaliser')
 
 
 def numpy_formula(image, mean, std):
@@ -147,18 +140,5 @@ def test_switch_off_and_build_failure_warn_once_and_fall_back(tmp_path):
       assert (batch['image'][0] == want).all()
       print('available', pixels.available(), pixels.unavailable_reason())
   ''')
-  base_env = {k: v for k, v in os.environ.items()
-              if k not in ('FLAX_RESNET_PIXELS', 'CXX')}
-  base_env['FLAX_RESNET_CACHE'] = str(tmp_path / 'cache')
-  for extra, reason in [({'FLAX_RESNET_PIXELS': '0'}, 'FLAX_RESNET_PIXELS=0'),
-                        ({'CXX': '/bin/false'}, 'false failed')]:
-    result = subprocess.run([sys.executable, '-c', script],
-                            env={**base_env, **extra}, capture_output=True,
-                            text=True, check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f'available False {reason}' in result.stdout
-    warnings = [line for line in result.stderr.splitlines()
-                if 'pixel' in line]
-    # Switched off on purpose: silent; failed to build: one line.
-    assert len(warnings) == (0 if 'FLAX_RESNET_PIXELS' in extra else 1), (
-        result.stderr)
+  conftest.check_extension_fallback(script, 'FLAX_RESNET_PIXELS', 'pixel',
+                                    tmp_path / 'cache')
