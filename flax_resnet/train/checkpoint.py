@@ -25,7 +25,9 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import time
+import traceback
 from typing import Any, Optional
 import zlib
 
@@ -105,9 +107,62 @@ def json_checksum(payload) -> str:
   return f'{zlib.crc32(json.dumps(payload, sort_keys=True).encode()):08x}'
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 200) -> str:
   text = str(error).strip().splitlines()
-  return f'{type(error).__name__}: {text[0][:200] if text else ""}'
+  return f'{type(error).__name__}: {text[0][:limit] if text else ""}'
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost `raise ... from` cause: for a failed array read,
+  TensorStore's own error, which names the array and the file (orbax's
+  wrapper names only a slice, then dumps the store's whole spec)."""
+  seen = {id(error)}
+  while error.__cause__ is not None and id(error.__cause__) not in seen:
+    error = error.__cause__
+    seen.add(id(error))
+  return error
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  """An error from orbax's other array reads after one read already failed.
+
+  Orbax reads the arrays of a restore concurrently on its own event loop and
+  closes that loop when one read fails; the reads still under way then end
+  in TensorStore callbacks into the closed loop ('Event loop is closed') or
+  as coroutines finalized unawaited. Python reports each as an unraisable
+  exception: dozens of tracebacks after the one warning that names the
+  damaged step, for a fallback that worked.
+  """
+  owner = getattr(unraisable.object, '__qualname__', None)
+  if owner == '_read_array_index_and_device_put':
+    return True
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError)
+          and str(error) == 'Event loop is closed'):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return any(f.name == 'call_soon_threadsafe'
+             and f.filename.endswith(os.path.join('asyncio', 'base_events.py'))
+             for f in frames)
+
+
+def _drop_abandoned_reads() -> None:
+  """From now on, drop the reports `_is_abandoned_read` recognises.
+
+  Installed once a restore has failed on a damaged array (the reports come
+  later, from other threads and the garbage collector); every other
+  unraisable exception goes to the hook that was there before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_abandoned_orbax_reads', False):
+    return
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook.drops_abandoned_orbax_reads = True
+  sys.unraisablehook = hook
 
 
 # How tensorstore (which writes the arrays) reports an OS error.
@@ -296,8 +351,9 @@ class Checkpointer:
               state=ocp.args.StandardRestore(abstract_state),
               data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
+      _drop_abandoned_reads()
       raise DamagedCheckpointError(
-          f'step {step}: unreadable ({_first_line(e)})') from e
+          f'step {step}: unreadable ({_first_line(_root_cause(e), 400)})') from e
     state = restored['state']
     _check_shapes(state, abstract_state, step)
     want = saved.get('checksums') or {}
@@ -309,6 +365,33 @@ class Checkpointer:
             f'step {step}: {part} checksum mismatch (saved {want[part]}, read '
             f'{got[part]}): its files were modified or corrupted on disk')
     return state, _decode_data_state(restored['data'])
+
+  def restore_newest_readable(self) -> tuple[Any, int]:
+    """(the saved train state as orbax reads it, step): for init_from.
+
+    Read-only, as it reads another run's folder: an unreadable step is
+    skipped with a warning naming it and left where it is.
+
+    Raises:
+      CheckpointError: there is no step, or none reads.
+    """
+    unreadable = []
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+        return restored['state'], step
+      except Exception as e:  # pylint: disable=broad-except
+        _drop_abandoned_reads()
+        unreadable.append(
+            f'step {step}: unreadable ({_first_line(_root_cause(e), 400)})')
+        log.warning('checkpoint step %d in %s is damaged (%s); trying an '
+                    'older one.', step, self.directory, unreadable[-1])
+    if unreadable:
+      listing = '\n  '.join(unreadable)
+      raise CheckpointError(
+          f'every checkpoint in {self.directory} is damaged:\n  {listing}')
+    raise CheckpointError(f'no checkpoint found in {self.directory}')
 
   def _move_aside(self, step: int) -> pathlib.Path:
     """Moves a damaged step out of the manager's folder; never deletes it."""

@@ -192,18 +192,18 @@ def _load_init_weights(config, spec, state):
     ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(
         os.path.join(path, 'checkpoints')) else path
     mgr = checkpoint_lib.Checkpointer(ckpt_dir, keep=1000, keep_best=False)
-    steps = mgr.all_steps()
-    if not steps:
+    try:
+      restored, step = mgr.restore_newest_readable()
+    except checkpoint_lib.CheckpointError as e:
       raise config_check.ConfigError(
-          f'config.init_from: no checkpoint found in {ckpt_dir}; give a '
-          'training workdir that holds checkpoints, or a torchvision '
-          '.pth/.safetensors file.')
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    restored = mgr.manager.restore(steps[-1], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+          f'config.init_from: {e}; give a training workdir that holds '
+          'checkpoints, or a torchvision .pth/.safetensors file.'
+      ) from None
+    finally:
+      mgr.close()
+    log.info('initial weights from checkpoint step %d in %s', step, ckpt_dir)
     variables = {'params': restored['params'],
                  'batch_stats': restored['batch_stats']}
-    mgr.close()
   else:
     try:
       variables = convert.load_weights(path, spec,
