@@ -1,8 +1,9 @@
 """Compiling the project's small C++ extensions at first use.
 
-The oneDNN convolutions (flax_resnet/cpu/onednn.py) and the JPEG crop decoder
-(flax_resnet/data/jpeg.py) are each one C++ file, compiled with g++ on first
-use into $FLAX_RESNET_CACHE (default ~/.cache/flax_resnet) under a name keyed
+The oneDNN convolutions (flax_resnet/cpu/onednn.py), the JPEG crop decoder
+(flax_resnet/data/jpeg.py) and the pixel normaliser (flax_resnet/data/pixels.py)
+are each one C++ file, compiled with g++ on first use into `cache_dir()`
+(default ~/.cache/flax_resnet) under a name keyed
 by the source and what it links against, and loaded with ctypes. Building at
 first use rather than at `pip install` keeps the project a plain pure-Python
 package (no build isolation, editable installs work). The library is written
@@ -120,3 +121,12 @@ class LazyLibrary:
   def unavailable_reason(self) -> Optional[str]:
     self.load()
     return self.failure
+
+  def build_now(self) -> None:
+    """Builds and loads it now (CI, images), printing where it is.
+
+    For an extension the project runs without: a failure has warned in one
+    line and is not an error.
+    """
+    if self.available():
+      print(self._path())

@@ -15,7 +15,6 @@ after one warning line. FLAX_RESNET_JPEG=0 switches it off.
 """
 
 import ctypes
-import logging
 import os
 import sysconfig
 from typing import Optional
@@ -30,8 +29,6 @@ _MESSAGE_SIZE = 200
 # Returned by the extension for JPEGs libjpeg cannot turn into RGB itself
 # (CMYK, YCCK): PIL decodes those.
 _LEFT_TO_PIL = 1
-
-log = logging.getLogger('flax_resnet')
 
 
 def library_path() -> str:
@@ -123,12 +120,3 @@ def decode_crop(data: bytes, scale: int, left: int, top: int, width: int,
                      'a CMYK/YCCK JPEG: decode it with PIL')
   return out
 
-
-def main() -> None:
-  """Builds the extension now (CI, images); prints where it is.
-
-  A machine without libjpeg-turbo's headers still trains (PIL decodes whole
-  JPEGs), so that is a warning, not a failure.
-  """
-  if available():  # otherwise it has warned, in one line
-    print(library_path())

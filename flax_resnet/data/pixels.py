@@ -83,8 +83,3 @@ def normalize_into(image: np.ndarray, table: np.ndarray,
       image.strides[1], table.ctypes.data, out.ctypes.data)
   return True
 
-
-def main() -> None:
-  """Builds the extension now (CI, images); prints where it is."""
-  if available():  # otherwise it has warned, in one line
-    print(library_path())

@@ -151,8 +151,7 @@ class StoredImage:
       try:
         self._pil = Image.open(io.BytesIO(data))
       except (OSError, ValueError) as e:
-        raise ValueError(f'Could not decode an encoded image in {where}: {e}'
-                         ) from e
+        raise self._decode_error(e) from e
       self.width, self.height = self._pil.size
     else:
       self._array = to_rgb_array(image, where)
@@ -232,20 +231,22 @@ class StoredImage:
         (size, size), Image.Resampling.BILINEAR,
         box=(left - x0, top - y0, right - x0, bottom - y0))
 
+  def _decode_error(self, error: Exception) -> ValueError:
+    return ValueError(
+        f'Could not decode an encoded image in {self._where}: {error}')
+
   def _jpeg_size(self, data: bytes):
     try:
       return jpeg.size(data)
     except ValueError as e:
-      raise ValueError(
-          f'Could not decode an encoded image in {self._where}: {e}') from e
+      raise self._decode_error(e) from e
 
   def _decode_window(self, scale: int, left: int, top: int, width: int,
                      height: int) -> np.ndarray:
     try:
       return jpeg.decode_crop(self._jpeg, scale, left, top, width, height)
     except ValueError as e:
-      raise ValueError(
-          f'Could not decode an encoded image in {self._where}: {e}') from e
+      raise self._decode_error(e) from e
 
   def _decode(self, pil: Image.Image) -> Image.Image:
     try:
@@ -254,8 +255,7 @@ class StoredImage:
       else:  # grayscale, palette, CMYK, RGBA (alpha dropped), ...
         pil = pil.convert('RGB')
     except (OSError, ValueError) as e:
-      raise ValueError(
-          f'Could not decode an encoded image in {self._where}: {e}') from e
+      raise self._decode_error(e) from e
     return pil
 
 

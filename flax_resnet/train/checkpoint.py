@@ -146,6 +146,17 @@ def _is_abandoned_read(unraisable) -> bool:
              for f in frames)
 
 
+def _unreadable(step: int, error: BaseException) -> str:
+  """Why orbax could not read `step`, in one line; quiets its abandoned reads."""
+  _drop_abandoned_reads()
+  return f'step {step}: unreadable ({_first_line(_root_cause(error), 400)})'
+
+
+def _every_step_damaged(directory, reasons: list[str]) -> str:
+  listing = '\n  '.join(reasons)
+  return f'every checkpoint in {directory} is damaged:\n  {listing}'
+
+
 def _drop_abandoned_reads() -> None:
   """From now on, drop the reports `_is_abandoned_read` recognises.
 
@@ -351,9 +362,7 @@ class Checkpointer:
               state=ocp.args.StandardRestore(abstract_state),
               data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      _drop_abandoned_reads()
-      raise DamagedCheckpointError(
-          f'step {step}: unreadable ({_first_line(_root_cause(e), 400)})') from e
+      raise DamagedCheckpointError(_unreadable(step, e)) from e
     state = restored['state']
     _check_shapes(state, abstract_state, step)
     want = saved.get('checksums') or {}
@@ -382,15 +391,11 @@ class Checkpointer:
             state=ocp.args.StandardRestore()))
         return restored['state'], step
       except Exception as e:  # pylint: disable=broad-except
-        _drop_abandoned_reads()
-        unreadable.append(
-            f'step {step}: unreadable ({_first_line(_root_cause(e), 400)})')
+        unreadable.append(_unreadable(step, e))
         log.warning('checkpoint step %d in %s is damaged (%s); trying an '
                     'older one.', step, self.directory, unreadable[-1])
     if unreadable:
-      listing = '\n  '.join(unreadable)
-      raise CheckpointError(
-          f'every checkpoint in {self.directory} is damaged:\n  {listing}')
+      raise CheckpointError(_every_step_damaged(self.directory, unreadable))
     raise CheckpointError(f'no checkpoint found in {self.directory}')
 
   def _move_aside(self, step: int) -> pathlib.Path:
@@ -423,11 +428,10 @@ class Checkpointer:
                     'to an older one.', step, self.directory, e)
     if found is None:
       if damaged:
-        listing = '\n  '.join(str(e) for _, e in damaged)
         raise CheckpointError(
-            f'every checkpoint in {self.directory} is damaged:\n  {listing}\n'
-            'Refusing to start from scratch silently: move the folder away to '
-            'start a new run, or restore a backup.')
+            _every_step_damaged(self.directory, [str(e) for _, e in damaged])
+            + '\nRefusing to start from scratch silently: move the folder '
+            'away to start a new run, or restore a backup.')
       if unfinished := self.unfinished_saves():
         log.warning('%s holds only interrupted saves (%s), no finished '
                     'checkpoint: starting from step 0.', self.directory,
