@@ -229,3 +229,6 @@ def test_cli_help_and_an_unknown_preset(capsys):
   assert captured.err.count('\n') == 1
   assert captured.err.startswith("error: no weights are registered for preset "
                                  "'resnet5O'. Did you mean 'resnet50'?")
+  assert cli.main(['resnet20']) == 2
+  assert capsys.readouterr().err.startswith(
+      "error: preset 'resnet20' has no registered weights (load your own")
