@@ -129,6 +129,7 @@ def test_a_bad_image_array_is_refused_by_name(bad):
     ({'crop_size': 300}, 'crop_size=300'),
     ({'mean': (0.5, 0.5)}, 'mean needs 3 values'),
     ({'resize': 'box'}, 'needs crop_pct'),
+    ({'std': (1, 0, 1)}, 'none may be 0'),
 ])
 def test_an_inconsistent_transform_is_refused(fields, mentions):
   base = dict(name='x', resize='shorter', resize_size=256, crop_size=224)
