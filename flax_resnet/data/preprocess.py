@@ -33,7 +33,6 @@ are copied into the batch (`NormalizedBatch`), by table lookup (pixels.py).
 """
 
 import dataclasses
-import io
 import math
 from typing import Any
 
@@ -41,6 +40,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from flax_resnet.data import images
 from flax_resnet.data import jpeg
 from flax_resnet.data import pixels
 
@@ -145,13 +145,11 @@ class StoredImage:
       data = image.item() if isinstance(image, np.ndarray) else image
       size = self._jpeg_size(data) if jpeg.is_jpeg(data) else None
       if size is not None:
+        images.check_pixels(*size, self._where)
         self._jpeg = data
         self.width, self.height = size
         return
-      try:
-        self._pil = Image.open(io.BytesIO(data))
-      except (OSError, ValueError) as e:
-        raise self._decode_error(e) from e
+      self._pil = images.open_image(data, self._where)
       self.width, self.height = self._pil.size
     else:
       self._array = to_rgb_array(image, where)
@@ -231,9 +229,8 @@ class StoredImage:
         (size, size), Image.Resampling.BILINEAR,
         box=(left - x0, top - y0, right - x0, bottom - y0))
 
-  def _decode_error(self, error: Exception) -> ValueError:
-    return ValueError(
-        f'Could not decode an encoded image in {self._where}: {error}')
+  def _decode_error(self, error: Exception) -> images.ImageError:
+    return images.ImageError(self._where, str(error))
 
   def _jpeg_size(self, data: bytes):
     try:
@@ -249,14 +246,8 @@ class StoredImage:
       raise self._decode_error(e) from e
 
   def _decode(self, pil: Image.Image) -> Image.Image:
-    try:
-      if pil.mode == 'RGB':
-        pil.load()  # convert() would decode too, plus copy
-      else:  # grayscale, palette, CMYK, RGBA (alpha dropped), ...
-        pil = pil.convert('RGB')
-    except (OSError, ValueError) as e:
-      raise self._decode_error(e) from e
-    return pil
+    # Grayscale, palette, CMYK, RGBA (alpha dropped), 16-bit (>> 8), ...
+    return images.to_rgb(pil, self._where)
 
 
 def _draft_request(width: int, height: int, box, size: int) -> tuple[int, int]:
