@@ -78,6 +78,9 @@ def test_sixteen_bit_gray_keeps_its_high_byte_on_every_path(fmt, gray):
   want = np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=-1)
   for got in every_path(data, f'x.{fmt.lower()}'):
     np.testing.assert_array_equal(got, want)
+  # A dataset storing the array itself (a uint16 Tensor feature) agrees.
+  np.testing.assert_array_equal(preprocess.StoredImage(gray, WHERE).array(),
+                                want)
 
 
 def test_sixteen_bit_png_decodes_as_tensorflow_decodes_it():

@@ -106,18 +106,12 @@ class ImageFolder:
             f'{base} has class folders {unknown} that train/ does not have; '
             f'every split must use the classes of train/: {self.classes}.')
       files = []
-      # Real paths of the folders read, and of those never to enter: the
-      # split and everything above it (a link there would read other classes
-      # or splits into this class).
-      seen = {os.path.realpath(os.path.join(base, name))
-              for name in self.classes}
-      above = _ancestors(os.path.realpath(base))
+      walk = _Walk(os.path.realpath(base),
+                   [os.path.join(base, name) for name in self.classes])
       for label, name in enumerate(self.classes):
         folder = os.path.join(base, name)
-        if not os.path.isdir(folder):
-          continue
-        files.extend((path, label) for path in _image_files(folder, seen,
-                                                             above))
+        if os.path.isdir(folder):
+          files.extend((path, label) for path in walk.images(folder))
       if not files:
         raise SourceError(f'{base} holds no images ({", ".join(EXTENSIONS)}).')
       self._files[split] = files
@@ -157,42 +151,50 @@ class ImageFolder:
     return bad
 
 
-def _ancestors(path: str) -> set[str]:
-  """`path` and every folder above it."""
-  found = {path}
-  while os.path.dirname(path) != path:
-    path = os.path.dirname(path)
-    found.add(path)
-  return found
+class _Walk:
+  """Image files below a split's class folders, each folder read once.
 
-
-def _image_files(folder: str, seen: set[str], above: set[str]
-                 ) -> Iterator[str]:
-  """Image files below `folder`, sorted as os.walk(topdown) lists them.
-
-  Symlinked folders are followed; one whose real path is in `seen` (read
-  already: a loop, or a second link to it) or `above` is skipped. Adds the
-  folders it reads to `seen`.
+  Symlinked folders are followed, except a link to a folder read already (a
+  second link to it, or a loop), to the split or above it, or into any class
+  folder of the split: those files are read under their own class, or are
+  not images of this split.
   """
-  try:
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-  except OSError as e:
-    raise SourceError(f'{images.printable(folder)} cannot be read '
-                      f'({e.strerror}); fix its permissions.') from e
-  subfolders = []
-  for entry in entries:
-    if entry.name.startswith('.'):
-      continue
-    if entry.is_dir():
-      subfolders.append(entry.path)
-    elif entry.name.lower().endswith(EXTENSIONS):
-      yield entry.path
-  for subfolder in subfolders:
-    real = os.path.realpath(subfolder)
-    if real in seen or real in above:
-      continue
-    seen.add(real)
-    yield from _image_files(subfolder, seen, above)
+
+  def __init__(self, split: str, class_folders: list[str]):
+    self._seen = set()
+    self._classes = [os.path.realpath(f) for f in class_folders]
+    self._above = {split}
+    while os.path.dirname(split) != split:
+      split = os.path.dirname(split)
+      self._above.add(split)
+
+  def images(self, folder: str) -> Iterator[str]:
+    """The images below `folder`, in os.walk's (topdown) order, sorted."""
+    try:
+      entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+      raise SourceError(f'{images.printable(folder)} cannot be read '
+                        f'({e.strerror}); fix its permissions.') from e
+    subfolders = []
+    for entry in entries:
+      if entry.name.startswith('.'):
+        continue
+      if entry.is_dir():
+        if self._enter(entry):
+          subfolders.append(entry.path)
+      elif entry.name.lower().endswith(EXTENSIONS):
+        yield entry.path
+    for subfolder in subfolders:
+      yield from self.images(subfolder)
+
+  def _enter(self, entry: os.DirEntry) -> bool:
+    real = os.path.realpath(entry.path)
+    if real in self._seen or real in self._above or (
+        entry.is_symlink() and any(real == c or real.startswith(c + os.sep)
+                                   for c in self._classes)):
+      return False
+    self._seen.add(real)
+    return True
 
 
 class FolderSource:

@@ -86,8 +86,8 @@ def to_rgb_array(image: Any, where: str) -> np.ndarray:
   """A decoded image as uint8 (H, W, 3); raises ValueError if it is unusable.
 
   Args:
-    image: (H, W), (H, W, 1) or (H, W, 3) array, uint8 or float on the 0..255
-      scale.
+    image: (H, W), (H, W, 1) or (H, W, 3) array, uint8, uint16 (kept: its
+      high byte) or float on the 0..255 scale.
     where: dataset and split, for error messages.
 
   Returns:
@@ -108,6 +108,10 @@ def to_rgb_array(image: Any, where: str) -> np.ndarray:
         'alpha channel when building the dataset.')
   if image.dtype == np.uint8:
     pass
+  elif image.dtype == np.uint16:
+    # 16-bit samples keep their high byte, as decoded 16-bit PNGs do
+    # (images.py), and as TFDS's decode_png gives them.
+    image = (image >> 8).astype(np.uint8)
   elif np.issubdtype(image.dtype, np.floating):
     # Float images are taken on the uint8 scale; anything else would be
     # silently mis-normalised.
@@ -119,8 +123,9 @@ def to_rgb_array(image: Any, where: str) -> np.ndarray:
     image = np.rint(image).astype(np.uint8)
   else:
     raise ValueError(
-        f'Image dtype {image.dtype} in {where}: images must be uint8 (0..255) '
-        "or float on the 0..255 scale; store the 'image' feature as uint8.")
+        f'Image dtype {image.dtype} in {where}: images must be uint8 (0..255), '
+        "uint16 or float on the 0..255 scale; store the 'image' feature as "
+        'uint8.')
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return image
