@@ -315,7 +315,9 @@ def test_a_decompression_bomb_is_one_error_in_prepare_and_in_training(
   big = tmp_path / 'pets' / 'train' / 'dog' / 'big.png'
   Image.new('RGB', (21, 20)).save(big)
   message = (f'{big} (21x20 = 420 pixels, more than the limit of 400 (a guard '
-             'against decompression bombs')
+             'against decompression bombs: decoding it would take 0.0 GB); '
+             'resize it, or if it is legitimate raise the limit: '
+             'FLAX_RESNET_MAX_IMAGE_PIXELS=420)')
   rc, err = run_main(capsys, 'my_pets', '--source', tmp_path / 'pets',
                      '--data_dir', tmp_path / 'data')
   assert_one_error_line(rc, err)

@@ -147,7 +147,8 @@ class ImageFolder:
       try:
         images.decode(images.read_file(path), images.printable(path))
       except images.ImageError as e:
-        bad.append(f'{e.where} ({e.reason})')
+        fix = '' if e.fix == images.FIX else f'; {e.fix}'
+        bad.append(f'{e.where} ({e.reason}{fix})')
     return bad
 
 

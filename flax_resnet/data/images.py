@@ -36,11 +36,13 @@ MAX_PIXELS_ENV = 'FLAX_RESNET_MAX_IMAGE_PIXELS'
 _SIXTEEN_BIT_I = ('PNG', 'PPM')
 
 
+FIX = 'fix or remove it'
+
+
 class ImageError(ValueError):
   """An image that cannot become 8-bit RGB: 'WHERE: REASON; FIX.'"""
 
-  def __init__(self, where: str, reason: str,
-               fix: str = 'fix or remove it'):
+  def __init__(self, where: str, reason: str, fix: str = FIX):
     super().__init__(f'{where}: {reason}; {fix}.')
     self.where, self.reason, self.fix = where, reason, fix
 
