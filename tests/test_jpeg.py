@@ -105,7 +105,7 @@ def test_corrupt_jpeg_is_a_value_error_naming_the_image(damage):
           'header_only': data[:200],
           'garbage': data[:2] + b'\xff' + bytes(range(256)) * 4}[damage]
   where = "dataset 'd' split 'train', file_name 'n01440764_18.JPEG'"
-  with pytest.raises(ValueError, match=r"Could not decode .*n01440764_18"):
+  with pytest.raises(ValueError, match=r"file_name 'n01440764_18[^']*': "):
     preprocess.StoredImage(data, where).crop_resize((10, 10, 110, 90), 32)
 
 

@@ -29,6 +29,7 @@ from tensorflow_datasets.image_classification import cifar as tfds_cifar
 
 from flax_resnet.data import cifar_source
 from flax_resnet.data import image_folder
+from flax_resnet.data import images
 from flax_resnet.data import imagenet_source
 
 # Called with (split, examples done, examples expected or None) as examples
@@ -186,7 +187,8 @@ def image_folder_builder(name: str, folder: image_folder.ImageFolder,
     def _generate_examples(self, split):
       files = folder.files(split)
       for done, (path, label) in enumerate(files, 1):
-        relative = os.path.relpath(path, folder.root)
+        # A name that is not UTF-8 (b'caf\xe9.jpg') is stored escaped.
+        relative = images.printable(os.path.relpath(path, folder.root))
         yield relative, {'image': folder.encoded(path), 'label': label,
                          'file_name': relative}
         self._report(split, done, len(files))

@@ -5,9 +5,12 @@
   ROOT/val/cat/...
 
 Classes are the folder names under the train split in sorted order (as
-torchvision's `ImageFolder` numbers them), the same for every split. Files
+torchvision's `ImageFolder` numbers them), the same for every split; there
+must be at least 2, and no other split may have a class train lacks. Files
 are those with an image extension torchvision accepts; hidden files and
-folders are skipped.
+folders are skipped. Symlinked folders are followed, but each folder is read
+once: a link back to a folder already read (a loop such as `cat/again -> .`)
+or to a folder holding the split is skipped.
 
 Use it directly with `--config.dataset=folder:/path/to/ROOT` (files are read
 as training goes, like torchvision), or write it once as a TFDS dataset with
@@ -18,19 +21,22 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image as PilImage
 
+from flax_resnet.data import images
 from flax_resnet.data.cifar_source import SourceError
 
 PREFIX = 'folder:'
 # torchvision.datasets.folder.IMG_EXTENSIONS
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff',
               '.webp')
-# Stored as they are; other formats are re-encoded as PNG (lossless).
+# Stored as they are; other formats, and PNGs of more than 8 bits per gray
+# sample, are stored as 8-bit RGB PNGs of images.decode's pixels.
 _KEEP_AS_IS = {'JPEG', 'PNG'}
+_DEEP_GRAY = ('I', 'F')  # PIL modes 'I', 'I;16', 'I;16B', ..., 'F'
+MIN_CLASSES = 2
 # ImageFolder's usual split folder names, for config.eval_split='validation'.
 _ALIASES = {'validation': ('val', 'valid'), 'val': ('validation', 'valid'),
             'test': ('val', 'validation')}
@@ -69,9 +75,13 @@ class ImageFolder:
           'folder dataset is ROOT/train/CLASS/*.jpg (plus '
           'ROOT/val/CLASS/*.jpg).')
     self.classes = _visible_dirs(os.path.join(self.root, 'train'))
-    if not self.classes:
-      raise SourceError(f'{self.root}/train has no class folders; put each '
-                        "class's images in ROOT/train/CLASS/.")
+    if len(self.classes) < MIN_CLASSES:
+      found = (f'only 1 class folder ({self.classes[0]!r})' if self.classes
+               else 'no class folders')
+      raise SourceError(
+          f'{self.root}/train has {found}; a classifier needs >= '
+          f'{MIN_CLASSES} class folders (one per class: '
+          'ROOT/train/CLASS/*.jpg).')
     self._files: dict[str, list[tuple[str, int]]] = {}
 
   def split_name(self, split: str) -> str:
@@ -96,49 +106,96 @@ class ImageFolder:
             f'{base} has class folders {unknown} that train/ does not have; '
             f'every split must use the classes of train/: {self.classes}.')
       files = []
+      walk = _Walk(os.path.realpath(base),
+                   [os.path.join(base, name) for name in self.classes])
       for label, name in enumerate(self.classes):
         folder = os.path.join(base, name)
-        if not os.path.isdir(folder):
-          continue
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-          dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-          for filename in sorted(filenames):
-            if (filename.lower().endswith(EXTENSIONS)
-                and not filename.startswith('.')):
-              files.append((os.path.join(dirpath, filename), label))
+        if os.path.isdir(folder):
+          files.extend((path, label) for path in walk.images(folder))
       if not files:
         raise SourceError(f'{base} holds no images ({", ".join(EXTENSIONS)}).')
       self._files[split] = files
     return self._files[split]
 
-  def encoded(self, path: str) -> bytes:
-    """The file's bytes if JPEG/PNG, else a PNG of it; SourceError names it."""
+  @staticmethod
+  def encoded(path: str) -> bytes:
+    """The file's bytes if JPEG/PNG, else a PNG of it; SourceError names it.
+
+    The PNG holds images.decode's pixels, as training would decode the file.
+    """
+    where = images.printable(path)
     try:
-      with open(path, 'rb') as f:
-        data = f.read()
-      with PilImage.open(io.BytesIO(data)) as image:
+      data = images.read_file(path)
+      image = images.open_image(data, where)
+      if (image.format in _KEEP_AS_IS
+          and not image.mode.startswith(_DEEP_GRAY)):
         image.verify()
-        kind = image.format
-      if kind in _KEEP_AS_IS:
         return data
-      with PilImage.open(io.BytesIO(data)) as image:
-        buffer = io.BytesIO()
-        image.convert('RGB').save(buffer, format='PNG')
-        return buffer.getvalue()
+      buffer = io.BytesIO()
+      images.to_rgb(image, where).save(buffer, format='PNG')
+      return buffer.getvalue()
+    except images.ImageError as e:
+      raise SourceError(str(e)) from e
     except (OSError, SyntaxError, ValueError) as e:
-      raise SourceError(f'{path} is not a readable image ({e}); fix or '
+      raise SourceError(f'{where}: not a readable image ({e}); fix or '
                         'remove it.') from e
 
   def unreadable(self, split: str) -> list[str]:
-    """Paths of `split` that do not decode (fully), with the reason."""
+    """Files of `split` that do not decode (fully), each with the reason."""
     bad = []
     for path, _ in self.files(split):
       try:
-        with PilImage.open(path) as image:
-          image.load()
-      except (OSError, SyntaxError, ValueError) as e:
-        bad.append(f'{path} ({e})')
+        images.decode(images.read_file(path), images.printable(path))
+      except images.ImageError as e:
+        fix = '' if e.fix == images.FIX else f'; {e.fix}'
+        bad.append(f'{e.where} ({e.reason}{fix})')
     return bad
+
+
+class _Walk:
+  """Image files below a split's class folders, each folder read once.
+
+  Symlinked folders are followed, except a link to a folder read already (a
+  second link to it, or a loop), to the split or above it, or into any class
+  folder of the split: those files are read under their own class, or are
+  not images of this split.
+  """
+
+  def __init__(self, split: str, class_folders: list[str]):
+    self._seen = set()
+    self._classes = [os.path.realpath(f) for f in class_folders]
+    self._above = {split}
+    while os.path.dirname(split) != split:
+      split = os.path.dirname(split)
+      self._above.add(split)
+
+  def images(self, folder: str) -> Iterator[str]:
+    """The images below `folder`, in os.walk's (topdown) order, sorted."""
+    try:
+      entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+      raise SourceError(f'{images.printable(folder)} cannot be read '
+                        f'({e.strerror}); fix its permissions.') from e
+    subfolders = []
+    for entry in entries:
+      if entry.name.startswith('.'):
+        continue
+      if entry.is_dir():
+        if self._enter(entry):
+          subfolders.append(entry.path)
+      elif entry.name.lower().endswith(EXTENSIONS):
+        yield entry.path
+    for subfolder in subfolders:
+      yield from self.images(subfolder)
+
+  def _enter(self, entry: os.DirEntry) -> bool:
+    real = os.path.realpath(entry.path)
+    if real in self._seen or real in self._above or (
+        entry.is_symlink() and any(real == c or real.startswith(c + os.sep)
+                                   for c in self._classes)):
+      return False
+    self._seen.add(real)
+    return True
 
 
 class FolderSource:

@@ -25,11 +25,11 @@ import re
 import tarfile
 from typing import Iterator
 
-from PIL import Image as PilImage
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as tfds_imagenet
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
+from flax_resnet.data import images
 from flax_resnet.data.cifar_source import SourceError
 from flax_resnet.data.cifar_source import unreadable
 
@@ -211,7 +211,7 @@ def _fix_image(name: str, data: bytes) -> bytes:
   try:
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    image = PilImage.open(io.BytesIO(data)).convert('RGB')
+    image = images.decode(data, name)
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=100)
     return buffer.getvalue()

@@ -36,9 +36,14 @@ from typing import Optional
 
 from flax_resnet.data import cifar_source
 from flax_resnet.data import image_folder
+from flax_resnet.data import images
+from flax_resnet.data import names
 from flax_resnet.data.cifar_source import SourceError
 
 FILE_FORMAT = 'array_record'  # the TFDS format with random access
+# TFDS datasets prepare builds from --source; any other name with --source is
+# a new dataset made from an image folder.
+_FROM_SOURCE = (*cifar_source.LAYOUTS, 'imagenet2012')
 _STAGING = '.prepare-'
 
 
@@ -78,8 +83,17 @@ def prepare(name: str, data_dir: Optional[str] = None,
   if image_folder.is_folder_dataset(name):
     source = image_folder.root_of(name)
     name = _folder_dataset_name(source)
-  data_dir = os.path.abspath(os.path.expanduser(
+  from_folder = source is not None and name not in _FROM_SOURCE
+  problem = (names.new_name_error if from_folder else names.tfds_name_error)(
+      name)
+  if problem:
+    raise PrepareError(problem)
+  # Real paths: what is written, and what is read, is decided on them.
+  data_dir = os.path.realpath(os.path.expanduser(
       data_dir or tfds.core.constants.DATA_DIR))
+  if from_folder and image_folder.looks_like_image_folder(source):
+    _check_apart(os.path.realpath(os.path.expanduser(source)), data_dir,
+                 name)
   _check_writable(data_dir)
   _remove_stale_staging(data_dir, log)
   staging = os.path.join(data_dir, f'{_STAGING}{name}-{os.getpid()}')
@@ -89,11 +103,12 @@ def prepare(name: str, data_dir: Optional[str] = None,
       builder = _make_builder(name, source, staging, data_dir)
       final = os.path.join(data_dir, os.path.relpath(builder.data_dir,
                                                      staging))
+      _check_inside(final, data_dir)
       if os.path.exists(os.path.join(final, 'dataset_info.json')):
         log(f'{name} is already prepared in {final}; nothing to do (delete '
             'that folder to prepare it again).')
         return final
-      origin = (f' from {source}' if source else
+      origin = (f' from {images.printable(source)}' if source else
                 f' from {builder.ORIGIN}' if hasattr(builder, 'ORIGIN') else
                 ' (downloading)')
       log(f'preparing {name} {builder.version} into {final}{origin}')
@@ -121,9 +136,49 @@ def prepare(name: str, data_dir: Optional[str] = None,
 
 
 def _folder_dataset_name(root: str) -> str:
+  """A dataset name (see names.py) from the folder's name, e.g. 'My Pets'
+  -> 'my_pets', '2024' -> 'folder_2024'."""
   import re  # pylint: disable=g-import-not-at-top
   base = os.path.basename(os.path.normpath(root)).lower()
-  return re.sub(r'[^a-z0-9_]+', '_', base).strip('_') or 'image_folder'
+  name = re.sub(r'[^a-z0-9_]+', '_', base).strip('_') or 'image_folder'
+  return name if name[0].isalpha() else f'folder_{name}'
+
+
+def _check_apart(source: str, data_dir: str, name: str) -> None:
+  """Refuses a --data_dir inside the image folder, or the folder inside
+  what prepare writes: one would be read into (or written over) the other."""
+  if _is_within(data_dir, source):
+    raise PrepareError(
+        f'--data_dir {images.printable(data_dir)} is inside --source '
+        f'{images.printable(source)}: the prepared files (and downloads/) '
+        'would land among your images and be read as splits or classes the '
+        'next time. Choose a --data_dir outside the image folder.')
+  for written in (os.path.join(data_dir, name),
+                  os.path.join(data_dir, 'downloads')):
+    if _is_within(source, written):
+      raise PrepareError(
+          f'--source {images.printable(source)} is inside '
+          f'{images.printable(written)}, which prepare writes; move the '
+          'image folder elsewhere or choose another --data_dir.')
+  if (_is_within(source, data_dir)
+      and os.path.relpath(source, data_dir).startswith(_STAGING)):
+    raise PrepareError(
+        f'--source {images.printable(source)} is a staging folder of an '
+        'interrupted prepare, which prepare removes; give the original image '
+        'folder.')
+
+
+def _is_within(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_inside(path: str, data_dir: str) -> None:
+  """Nothing is ever written outside --data_dir (a bug if it would be)."""
+  if not _is_within(os.path.normpath(path), data_dir):
+    raise PrepareError(
+        f'{images.printable(path)} is outside --data_dir '
+        f'{images.printable(data_dir)}; refusing to write there (please '
+        'report this).')
 
 
 def _make_builder(name, source, staging, data_dir):

@@ -33,7 +33,6 @@ are copied into the batch (`NormalizedBatch`), by table lookup (pixels.py).
 """
 
 import dataclasses
-import io
 import math
 from typing import Any
 
@@ -41,6 +40,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from flax_resnet.data import images
 from flax_resnet.data import jpeg
 from flax_resnet.data import pixels
 
@@ -86,8 +86,8 @@ def to_rgb_array(image: Any, where: str) -> np.ndarray:
   """A decoded image as uint8 (H, W, 3); raises ValueError if it is unusable.
 
   Args:
-    image: (H, W), (H, W, 1) or (H, W, 3) array, uint8 or float on the 0..255
-      scale.
+    image: (H, W), (H, W, 1) or (H, W, 3) array, uint8, uint16 (kept: its
+      high byte) or float on the 0..255 scale.
     where: dataset and split, for error messages.
 
   Returns:
@@ -108,6 +108,10 @@ def to_rgb_array(image: Any, where: str) -> np.ndarray:
         'alpha channel when building the dataset.')
   if image.dtype == np.uint8:
     pass
+  elif image.dtype == np.uint16:
+    # 16-bit samples keep their high byte, as decoded 16-bit PNGs do
+    # (images.py), and as TFDS's decode_png gives them.
+    image = (image >> 8).astype(np.uint8)
   elif np.issubdtype(image.dtype, np.floating):
     # Float images are taken on the uint8 scale; anything else would be
     # silently mis-normalised.
@@ -119,8 +123,9 @@ def to_rgb_array(image: Any, where: str) -> np.ndarray:
     image = np.rint(image).astype(np.uint8)
   else:
     raise ValueError(
-        f'Image dtype {image.dtype} in {where}: images must be uint8 (0..255) '
-        "or float on the 0..255 scale; store the 'image' feature as uint8.")
+        f'Image dtype {image.dtype} in {where}: images must be uint8 (0..255), '
+        "uint16 or float on the 0..255 scale; store the 'image' feature as "
+        'uint8.')
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return image
@@ -145,13 +150,11 @@ class StoredImage:
       data = image.item() if isinstance(image, np.ndarray) else image
       size = self._jpeg_size(data) if jpeg.is_jpeg(data) else None
       if size is not None:
+        images.check_pixels(*size, self._where)
         self._jpeg = data
         self.width, self.height = size
         return
-      try:
-        self._pil = Image.open(io.BytesIO(data))
-      except (OSError, ValueError) as e:
-        raise self._decode_error(e) from e
+      self._pil = images.open_image(data, self._where)
       self.width, self.height = self._pil.size
     else:
       self._array = to_rgb_array(image, where)
@@ -231,9 +234,8 @@ class StoredImage:
         (size, size), Image.Resampling.BILINEAR,
         box=(left - x0, top - y0, right - x0, bottom - y0))
 
-  def _decode_error(self, error: Exception) -> ValueError:
-    return ValueError(
-        f'Could not decode an encoded image in {self._where}: {error}')
+  def _decode_error(self, error: Exception) -> images.ImageError:
+    return images.ImageError(self._where, str(error))
 
   def _jpeg_size(self, data: bytes):
     try:
@@ -249,14 +251,8 @@ class StoredImage:
       raise self._decode_error(e) from e
 
   def _decode(self, pil: Image.Image) -> Image.Image:
-    try:
-      if pil.mode == 'RGB':
-        pil.load()  # convert() would decode too, plus copy
-      else:  # grayscale, palette, CMYK, RGBA (alpha dropped), ...
-        pil = pil.convert('RGB')
-    except (OSError, ValueError) as e:
-      raise self._decode_error(e) from e
-    return pil
+    # Grayscale, palette, CMYK, RGBA (alpha dropped), 16-bit (>> 8), ...
+    return images.to_rgb(pil, self._where)
 
 
 def _draft_request(width: int, height: int, box, size: int) -> tuple[int, int]:

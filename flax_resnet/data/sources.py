@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from flax_resnet.data import digits
 from flax_resnet.data import image_folder
+from flax_resnet.data import names
 
 SYNTHETIC = 'synthetic'
 # Datasets that `dataset_info` and the iterators build themselves when missing:
@@ -201,6 +202,11 @@ def _display_data_dir(data_dir: str | None) -> str:
 
 def _prepared_builder(name: str, data_dir: str | None):
   """The TFDS builder of `name`, prepared in array_record format."""
+  problem = names.tfds_name_error(name)
+  if problem:
+    raise DatasetNotFoundError(
+        f'config.dataset: {problem} Or use {SYNTHETIC!r}, or '
+        f'{image_folder.PREFIX}ROOT for an image folder.')
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
