@@ -1,12 +1,14 @@
 """flax_resnet: ResNets for JAX as pure-functional Flax Linen modules."""
 
 from flax_resnet.model import ResNet
-from flax_resnet.pretrained import list_pretrained, load_pretrained
+from flax_resnet.pretrained import (EvalTransform, Pretrained,
+                                    list_pretrained, load_pretrained)
 from flax_resnet.spec import ResNetSpec
 from flax_resnet.zoo import PRESETS, create_model, get_spec, list_models
 
 __all__ = ['ResNet', 'ResNetSpec', 'PRESETS', 'create_model', 'get_spec',
-           'list_models', 'load_pretrained', 'list_pretrained', 'nnx']
+           'list_models', 'load_pretrained', 'list_pretrained', 'Pretrained',
+           'EvalTransform', 'nnx']
 __version__ = '0.1.0'
 
 

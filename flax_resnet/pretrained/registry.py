@@ -17,12 +17,22 @@ publisher gives none, the field is None (nothing is guessed):
 * Keras applications (`keras/src/applications/resnet.py`): legacy `.h5`
   files, the md5 `file_hash` Keras passes to `get_file`; top-1 from the
   keras.io applications table.
+
+Each entry also carries its publisher's evaluation preprocessing
+(`transform`, see transforms.py; the sizes are copied from the same sources:
+torchvision's `transforms=partial(ImageClassification, ...)`, timm's
+pretrained_cfg input_size / crop_pct / interpolation / mean / std) and its
+label set (`categories`: the class names, categories.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
+
+from flax_resnet.pretrained import categories as categories_lib
+from flax_resnet.pretrained import transforms
+from flax_resnet.pretrained.transforms import EvalTransform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,8 @@ class Weights:
     publisher: 'torchvision', 'timm', 'gluon', 'keras' or 'user'.
     member: the file to take out of a .zip download (Gluon), else None.
     num_classes: outputs of the published classifier.
+    transform: the publisher's evaluation preprocessing, or None if unknown.
+    label_set: name of the class-name list (categories.py), or None.
   """
   preset: str
   tag: str
@@ -49,55 +61,68 @@ class Weights:
   publisher: str
   member: Optional[str] = None
   num_classes: int = 1000
+  transform: Optional[EvalTransform] = None
+  label_set: Optional[str] = None
 
   @property
   def key(self) -> tuple[str, str]:
     return (self.preset, self.tag)
 
+  @property
+  def categories(self) -> Optional[tuple[str, ...]]:
+    """Class names, index i = output i; None without a label set."""
+    if self.label_set is None:
+      return None
+    return categories_lib.categories(self.label_set)
+
 
 _TORCHVISION = 'https://download.pytorch.org/models/'
-# (preset, tag, file, acc@1) from torchvision's *_Weights enums.
+# (preset, tag, file, acc@1, resize_size) from torchvision's *_Weights enums;
+# every one has crop_size=224.
 _TORCHVISION_FILES = (
-    ('resnet18', 'IMAGENET1K_V1', 'resnet18-f37072fd.pth', 69.758),
-    ('resnet34', 'IMAGENET1K_V1', 'resnet34-b627a593.pth', 73.314),
-    ('resnet50', 'IMAGENET1K_V1', 'resnet50-0676ba61.pth', 76.130),
-    ('resnet50', 'IMAGENET1K_V2', 'resnet50-11ad3fa6.pth', 80.858),
-    ('resnet101', 'IMAGENET1K_V1', 'resnet101-63fe2227.pth', 77.374),
-    ('resnet101', 'IMAGENET1K_V2', 'resnet101-cd907fc2.pth', 81.886),
-    ('resnet152', 'IMAGENET1K_V1', 'resnet152-394f9c45.pth', 78.312),
-    ('resnet152', 'IMAGENET1K_V2', 'resnet152-f82ba261.pth', 82.284),
+    ('resnet18', 'IMAGENET1K_V1', 'resnet18-f37072fd.pth', 69.758, 256),
+    ('resnet34', 'IMAGENET1K_V1', 'resnet34-b627a593.pth', 73.314, 256),
+    ('resnet50', 'IMAGENET1K_V1', 'resnet50-0676ba61.pth', 76.130, 256),
+    ('resnet50', 'IMAGENET1K_V2', 'resnet50-11ad3fa6.pth', 80.858, 232),
+    ('resnet101', 'IMAGENET1K_V1', 'resnet101-63fe2227.pth', 77.374, 256),
+    ('resnet101', 'IMAGENET1K_V2', 'resnet101-cd907fc2.pth', 81.886, 232),
+    ('resnet152', 'IMAGENET1K_V1', 'resnet152-394f9c45.pth', 78.312, 256),
+    ('resnet152', 'IMAGENET1K_V2', 'resnet152-f82ba261.pth', 82.284, 232),
     ('resnext50_32x4d', 'IMAGENET1K_V1', 'resnext50_32x4d-7cdf4587.pth',
-     77.618),
+     77.618, 256),
     ('resnext50_32x4d', 'IMAGENET1K_V2', 'resnext50_32x4d-1a0047aa.pth',
-     81.198),
+     81.198, 232),
     ('resnext101_32x8d', 'IMAGENET1K_V1', 'resnext101_32x8d-8ba56ff5.pth',
-     79.312),
+     79.312, 256),
     ('resnext101_32x8d', 'IMAGENET1K_V2', 'resnext101_32x8d-110c445d.pth',
-     82.834),
+     82.834, 232),
     ('resnext101_64x4d', 'IMAGENET1K_V1', 'resnext101_64x4d-173b62eb.pth',
-     83.246),
+     83.246, 232),
     ('wide_resnet50_2', 'IMAGENET1K_V1', 'wide_resnet50_2-95faca4d.pth',
-     78.468),
+     78.468, 256),
     ('wide_resnet50_2', 'IMAGENET1K_V2', 'wide_resnet50_2-9ba9bcbe.pth',
-     81.602),
+     81.602, 232),
     ('wide_resnet101_2', 'IMAGENET1K_V1', 'wide_resnet101_2-32ee1156.pth',
-     78.848),
+     78.848, 256),
     ('wide_resnet101_2', 'IMAGENET1K_V2', 'wide_resnet101_2-d733dc28.pth',
-     82.510),
+     82.510, 232),
 )
 
-# (preset, timm tag): timm/<preset>.<tag> on the Hugging Face hub.
+# (preset, timm tag, input_size, crop_pct): timm/<preset>.<tag> on the
+# Hugging Face hub; the sizes from its pretrained_cfg (timm 1.0.31), all with
+# interpolation 'bicubic', crop_mode 'center' and the ImageNet mean/std.
+# input_size, not test_input_size: what resolve_data_config gives by default.
 _TIMM_TAGS = (
-    ('resnet18', 'a1_in1k'),
-    ('resnet34', 'a1_in1k'),
-    ('resnet50', 'a1_in1k'),
-    ('resnet50', 'a1h_in1k'),
-    ('resnet101', 'a1h_in1k'),
-    ('resnet152', 'a1h_in1k'),
-    ('resnext50_32x4d', 'a1h_in1k'),
-    ('wide_resnet50_2', 'racm_in1k'),
-    ('resnet50d', 'ra2_in1k'),
-    ('resnet101d', 'ra2_in1k'),
+    ('resnet18', 'a1_in1k', 224, 0.95),
+    ('resnet34', 'a1_in1k', 224, 0.95),
+    ('resnet50', 'a1_in1k', 224, 0.95),
+    ('resnet50', 'a1h_in1k', 176, 0.9),
+    ('resnet101', 'a1h_in1k', 224, 0.95),
+    ('resnet152', 'a1h_in1k', 224, 0.95),
+    ('resnext50_32x4d', 'a1h_in1k', 224, 0.95),
+    ('wide_resnet50_2', 'racm_in1k', 224, 0.875),
+    ('resnet50d', 'ra2_in1k', 224, 0.875),
+    ('resnet101d', 'ra2_in1k', 256, 0.95),
 )
 
 _GLUON = 'https://apache-mxnet.s3-accelerate.dualstack.amazonaws.com/gluon/models/'
@@ -134,26 +159,32 @@ _KERAS_FILES = (
 
 
 def _published() -> list[Weights]:
+  imagenet = categories_lib.IMAGENET1K
   entries = []
-  for preset, tag, file, top1 in _TORCHVISION_FILES:
+  for preset, tag, file, top1, resize_size in _TORCHVISION_FILES:
     entries.append(Weights(
         preset, tag, _TORCHVISION + file,
         'sha256:' + file.rsplit('-', 1)[1].split('.')[0], top1,
-        'torchvision'))
-  for preset, tag in _TIMM_TAGS:
+        'torchvision', transform=transforms.torchvision(resize_size, 224),
+        label_set=imagenet))
+  for preset, tag, input_size, crop_pct in _TIMM_TAGS:
     entries.append(Weights(
         preset, tag, f'https://huggingface.co/timm/{preset}.{tag}/resolve/main/'
-        'model.safetensors', None, None, 'timm'))
+        'model.safetensors', None, None, 'timm',
+        transform=transforms.timm(input_size, crop_pct), label_set=imagenet))
   for name, sha1 in _GLUON_SHA1.items():
     file = f'{name}-{sha1[:8]}'
     entries.append(Weights(
         f'gluon_{name}', 'imagenet', f'{_GLUON}{file}.zip', f'sha1:{sha1}',
-        None, 'gluon', member=f'{file}.params'))
+        None, 'gluon', member=f'{file}.params',
+        transform=transforms.gluon(256, 224), label_set=imagenet))
   for preset, keras_name, md5, top1 in _KERAS_FILES:
     entries.append(Weights(
         preset, 'imagenet',
         f'{_KERAS}{keras_name}_weights_tf_dim_ordering_tf_kernels.h5',
-        f'md5:{md5}', top1, 'keras'))
+        f'md5:{md5}', top1, 'keras',
+        transform=transforms.keras('tf' if preset.endswith('_v2') else 'caffe'),
+        label_set=imagenet))
   return entries
 
 
