@@ -123,40 +123,41 @@ def load(model: Optional[str], weights: str, *,
 # ----------------------------------------------------- weights files and tags
 
 
-def _check_preset(model: str) -> None:
+def _check_preset(model: str, flag: str = '--model') -> None:
   from flax_resnet import zoo  # pylint: disable=g-import-not-at-top
   try:
     zoo.get_spec(model)
   except ValueError as e:
-    raise UsageError(f'--model {model}: {e}') from None
+    raise UsageError(f'{flag} {model}: {e}') from None
 
 
-def _registry_transform(preset: str, tag: str, flag: str):
-  """(EvalTransform, Weights) of a registry entry, or UsageError."""
+def _registry_transform(preset: str, tag: str):
+  """(EvalTransform, Weights) of `--transform PRESET:TAG`, or UsageError."""
   from flax_resnet import pretrained  # pylint: disable=g-import-not-at-top
-  from flax_resnet.pretrained import transforms  # pylint: disable=g-import-not-at-top
+  _check_preset(preset, '--transform')
   entry = pretrained.REGISTRY.get((preset, tag))
-  if entry is None:
+  if entry is None or entry.transform is None:
     known = ', '.join(f'{w.preset}:{w.tag}'
-                      for w in pretrained.list_pretrained(preset)) or (
-                          f'none for {preset}')
+                      for w in pretrained.list_pretrained(preset)
+                      if w.transform is not None) or f'none for {preset}'
     raise UsageError(
-        f'{flag}: {preset}:{tag} is not a registered weight (registered: '
-        f'{known}; python -m flax_resnet.pretrained lists all).')
-  return transforms.for_weights(entry), entry
+        f'--transform {preset}:{tag} names no registered weights with a known '
+        f'preprocessing ({known}; python -m flax_resnet.pretrained lists '
+        'all).')
+  return entry.transform, entry
 
 
 def _default_transform(preset: str):
-  """The preprocessing of the preset's own publisher's first weights."""
+  """(EvalTransform, Weights) of the preset's own publisher's first weights
+  with a known preprocessing, or (None, None)."""
   from flax_resnet import pretrained, zoo  # pylint: disable=g-import-not-at-top
   publisher = zoo.get_spec(preset).reference
-  entries = sorted(pretrained.list_pretrained(preset),
+  entries = sorted((w for w in pretrained.list_pretrained(preset)
+                    if w.transform is not None),
                    key=lambda w: (w.publisher != publisher, w.tag))
-  for entry in entries:
-    found, _ = _registry_transform(entry.preset, entry.tag, '--transform')
-    if found is not None:
-      return found, entry
-  return None, None
+  if not entries:
+    return None, None
+  return entries[0].transform, entries[0]
 
 
 def _parse_transform(text: str) -> tuple[str, str]:
@@ -174,7 +175,7 @@ def _load_weights(model: str, weights: str, transform: Optional[str],
   _check_preset(model)
   chosen = None
   if transform is not None:
-    chosen = _registry_transform(*_parse_transform(transform), '--transform')
+    chosen = _registry_transform(*_parse_transform(transform))
   try:
     loaded = _load_pretrained(model, weights, progress)
   except (pretrained.DownloadError, pretrained.ChecksumMismatch) as e:
@@ -222,7 +223,7 @@ def _load_pretrained(model: str, weights: str, progress: bool):
   """load_pretrained; a file whose classifier has another size loads whole."""
   from flax_resnet import convert, pretrained  # pylint: disable=g-import-not-at-top
   try:
-    return pretrained.load_pretrained(model, weights, progress=progress)
+    loaded = pretrained.load_pretrained(model, weights, progress=progress)
   except convert.StateDictMismatch as e:
     outputs = {got[0] for _, got, _ in e.mismatched if len(got) == 1}
     if not (e.head_only and len(outputs) == 1):
@@ -230,6 +231,12 @@ def _load_pretrained(model: str, weights: str, progress: bool):
     # A fine-tuned classifier (the bias is (num_classes,) in every format).
     return pretrained.load_pretrained(model, weights, progress=progress,
                                       num_classes=outputs.pop())
+  entry = loaded.entry
+  if entry is not None and entry.num_classes != loaded.model.spec.num_classes:
+    # load_pretrained gave the preset's head, fresh: here the entry's counts.
+    return pretrained.load_pretrained(model, weights, progress=progress,
+                                      num_classes=entry.num_classes)
+  return loaded
 
 
 # ------------------------------------------------------------- workdirs
@@ -438,6 +445,8 @@ def quiet_libraries() -> None:
 
 
 def _lower_level_name(record: logging.LogRecord) -> bool:
+  if 'has no dataset_info.json' in record.getMessage():
+    return False  # TFDS, looking for a dataset that is not prepared
   record.levelname = record.levelname.lower()
   return True
 

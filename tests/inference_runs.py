@@ -2,6 +2,8 @@
 
 digits_workdir(): resnet20 (one block a stage) on the offline digits, 6 steps,
   checkpoints and evals at steps 3 and 6.
+run_model(): the model and variables of a workdir, read without
+  flax_resnet.inference; registered: a fixture that registers weights.
 folder_workdir(): the same net on an image folder of three digit classes
   named 'one', 'seven', 'zero' (train/ and val/), 4 steps.
 """
@@ -13,10 +15,13 @@ import shutil
 import tempfile
 
 import numpy as np
+import pytest
 
+import flax_resnet
+from flax_resnet import pretrained
 from flax_resnet.data import builders, digits
 from flax_resnet.train import loop
-from test_train_loop import digits_config
+from test_train_loop import digits_config, restore_final
 
 FOLDER_CLASSES = {'one': 1, 'seven': 7, 'zero': 0}  # name: digit
 
@@ -68,3 +73,26 @@ def folder_workdir():
                          checkpoint_every_steps=4, eval_batch_size=8)
   loop.train_and_evaluate(config, str(workdir))
   return workdir, config, root
+
+
+def run_model(workdir, config):
+  """(model, variables of the newest step, read straight from orbax)."""
+  _, state = restore_final(workdir, config)
+  model = flax_resnet.create_model(
+      config.model, num_classes=config.num_classes,
+      **{k: v for k, v in config.model_overrides.items() if v is not None})
+  return model, {'params': state['params'], 'batch_stats': state['batch_stats']}
+
+
+@pytest.fixture
+def registered():
+  """Registers weights for one test and removes them afterwards."""
+  added = []
+
+  def add(entry):
+    added.append(entry.key)
+    return pretrained.register(entry)
+
+  yield add
+  for preset, tag in added:
+    pretrained.unregister(preset, tag)

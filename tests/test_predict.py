@@ -10,10 +10,11 @@ from PIL import Image
 import pytest
 
 import flax_resnet
-from flax_resnet import inference, predict
+from flax_resnet import convert, inference, predict, pretrained
+from flax_resnet.pretrained import Weights, transforms
 from flax_resnet.data import builders, digits
 import inference_runs
-from test_train_loop import restore_final
+from inference_runs import registered  # pylint: disable=unused-import
 
 
 def run_main(capsys, *argv):
@@ -26,16 +27,12 @@ def run_main(capsys, *argv):
 def by_hand_probabilities(workdir, config, images):
   """softmax(model(x)) with x normalised by hand from the config (images
   already at config.image_size), the variables read straight from orbax."""
-  _, state = restore_final(workdir, config)
-  model = flax_resnet.create_model(
-      config.model, num_classes=config.num_classes,
-      **{k: v for k, v in config.model_overrides.items() if v is not None})
+  model, variables = inference_runs.run_model(workdir, config)
   rgb = np.repeat(np.stack(images)[..., None], 3, -1) if np.ndim(
       images[0]) == 2 else np.stack(images)
   x = (rgb.astype(np.float32) - np.float32(config.mean_rgb[0])) / np.float32(
       config.std_rgb[0])
-  logits = model.apply({'params': state['params'],
-                        'batch_stats': state['batch_stats']}, x, train=False)
+  logits = model.apply(variables, x, train=False)
   return np.asarray(jax.nn.softmax(np.asarray(logits, np.float64)))
 
 
@@ -199,3 +196,107 @@ def test_console_error_has_no_traceback(tmp_path):
        '--weights', 'w'], capture_output=True, text=True, check=False,
       timeout=120)
   assert result.returncode == 2 and 'error: argument --top' in result.stderr
+
+
+# ------------------------------------------------ registered weights, files
+
+SMALL_TORCHVISION = transforms.torchvision(resize_size=36, crop_size=32)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+  """Downloads (file:// copies) go to a folder of this test's own."""
+  monkeypatch.setenv('FLAX_RESNET_CACHE', str(tmp_path / 'cache'))
+
+
+@pytest.fixture(scope='module')
+def weight_files(tmp_path_factory):
+  """resnet20 weights with a 10- and a 1000-class head, and a photo."""
+  tmp_path = tmp_path_factory.mktemp('weights')
+  files = {}
+  for classes in (10, 1000):
+    model = flax_resnet.create_model('resnet20', num_classes=classes)
+    variables = jax.jit(lambda k, m=model: m.init(
+        k, np.zeros((1, 32, 32, 3)), train=False))(jax.random.key(classes))
+    files[classes] = tmp_path / f'resnet20_{classes}.safetensors'
+    convert.save_safetensors(variables, model, files[classes])
+    files[classes, 'variables'] = variables
+  rng = np.random.default_rng(0)
+  files['photo'] = tmp_path / 'photo.jpg'
+  Image.fromarray(rng.integers(0, 256, (45, 60, 3), np.uint8)).save(
+      files['photo'], quality=95)
+  return files
+
+
+def by_hand_top(variables, classes, transform, photo, k):
+  model = flax_resnet.create_model('resnet20', num_classes=classes)
+  x = transform(Image.open(photo))[None]
+  logits = np.asarray(model.apply(variables, x, train=False), np.float64)
+  p = np.asarray(jax.nn.softmax(logits[0]))
+  order = np.argsort(-p, kind='stable')[:k]
+  return order, p[order]
+
+
+def test_registry_tag_uses_its_transform_and_reports_it(capsys, weight_files,
+                                                        registered):
+  registered(Weights('resnet20', 'TINY_TEST', weight_files[10].as_uri(),
+                     None, None, 'user', num_classes=10,
+                     transform=SMALL_TORCHVISION))
+  code, out, err = run_main(capsys, weight_files['photo'], '--model',
+                            'resnet20', '--weights', 'TINY_TEST', '--json')
+  assert code == 0, err
+  assert SMALL_TORCHVISION.describe() in err
+  assert "resnet20:TINY_TEST (the publisher's)" in err
+  top = json.loads(out)['top']
+  order, p = by_hand_top(weight_files[10, 'variables'], 10, SMALL_TORCHVISION,
+                         weight_files['photo'], 5)
+  assert [t['index'] for t in top] == list(order)
+  assert [t['name'] for t in top] == [f'class {i}' for i in order]
+  np.testing.assert_allclose([t['probability'] for t in top], p, rtol=2e-5)
+
+
+def test_weights_file_with_1000_outputs_gets_imagenet_names(
+    capsys, weight_files, registered):
+  registered(Weights('resnet20', 'TINY_TEST', weight_files[10].as_uri(),
+                     None, None, 'user', num_classes=10,
+                     transform=SMALL_TORCHVISION))
+  # The file's classifier has 1000 outputs (resnet20's preset has 10): it is
+  # loaded whole, and the outputs named as ImageNet's.
+  code, out, err = run_main(capsys, weight_files['photo'], '--model',
+                            'resnet20', '--weights', weight_files[1000],
+                            '--json', '--top', 3)
+  assert code == 0, err
+  # No --transform: the preset's registered preprocessing, and it says so.
+  assert 'resnet20:TINY_TEST (a weights file\'s default; choose another ' \
+      'with --transform PRESET:TAG)' in err
+  top = json.loads(out)['top']
+  order, p = by_hand_top(weight_files[1000, 'variables'], 1000,
+                         SMALL_TORCHVISION, weight_files['photo'], 3)
+  names = pretrained.imagenet_categories()
+  assert [t['name'] for t in top] == [names[i] for i in order]
+  np.testing.assert_allclose([t['probability'] for t in top], p, rtol=2e-5)
+
+
+def test_weights_file_transform_chosen_with_flag(capsys, weight_files,
+                                                 registered):
+  other = transforms.torchvision(resize_size=40, crop_size=40)
+  for tag, transform in (('TINY_TEST', SMALL_TORCHVISION), ('BIG', other)):
+    registered(Weights('resnet20', tag, weight_files[10].as_uri(), None, None,
+                       'user', num_classes=10, transform=transform))
+  code, out, err = run_main(capsys, weight_files['photo'], '--model',
+                            'resnet20', '--weights', weight_files[10],
+                            '--transform', 'resnet20:BIG', '--json')
+  assert code == 0, err
+  assert 'resnet20:BIG (chosen with --transform)' in err
+  order, _ = by_hand_top(weight_files[10, 'variables'], 10, other,
+                         weight_files['photo'], 5)
+  assert [t['index'] for t in json.loads(out)['top']] == list(order)
+
+
+def test_weights_file_without_any_known_transform_is_refused(capsys,
+                                                              weight_files):
+  code, out, err = run_main(capsys, weight_files['photo'], '--model',
+                            'resnet20', '--weights', weight_files[10])
+  assert code == 2 and not out
+  assert err.startswith('error: --weights') and '--transform PRESET:TAG' in err
+  assert err.count('\n') == 1
