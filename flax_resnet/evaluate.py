@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ class Result:
   top1: float
   top5: float
   loss: float
+  seconds: float
 
 
 def dataset_config(run, dataset: Optional[str], data_dir: Optional[str],
@@ -184,6 +186,7 @@ def evaluate(loaded: inference.Loaded, config, *, batch_size: int = 64,
              threads: int = 4, progress: bool = True) -> Result:
   """Scores every example of config.eval_split with `loaded`."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  started = time.time()
   total, stream = batches(config, loaded.transform, batch_size, threads)
   score = _score_fn(loaded)
   sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0}
@@ -202,12 +205,13 @@ def evaluate(loaded: inference.Loaded, config, *, batch_size: int = 64,
                       refresh=False)
   assert seen == total, (seen, total)
   return Result(examples=total, top1=sums['top1'] / total,
-                top5=sums['top5'] / total, loss=sums['loss'] / total)
+                top5=sums['top5'] / total, loss=sums['loss'] / total,
+                seconds=time.time() - started)
 
 
 def report(result: Result, reference: Optional[str]) -> str:
   beside = f' ({reference})' if reference else ''
-  return '\n'.join([f'{result.examples:,} images',
+  return '\n'.join([f'{result.examples:,} images in {result.seconds:.1f} s',
                     f'top-1 {result.top1 * 100:.3f} %{beside}',
                     f'top-5 {result.top5 * 100:.3f} %',
                     f'loss  {result.loss:.4f}'])
