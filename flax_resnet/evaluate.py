@@ -65,14 +65,17 @@ def dataset_config(run, dataset: Optional[str], data_dir: Optional[str],
   if split is not None:
     config.eval_split = split
   categories = inference.dataset_categories(config)
-  if categories is not None:
-    config.num_classes = len(categories)
+  # A label feature without class names: the classifier's size is trusted
+  # (check_classifier then passes; labels out of range still fail).
+  config.num_classes = len(categories) if categories else 0
   config.eval_split = _checked_split(config)
   return config
 
 
 def check_classifier(loaded: inference.Loaded, config) -> None:
   """Raises UsageError if the classifier does not fit the dataset's labels."""
+  if not config.num_classes:
+    config.num_classes = loaded.num_classes
   if config.num_classes != loaded.num_classes:
     raise inference.UsageError(
         f'--dataset {config.dataset} has {config.num_classes} classes but '
