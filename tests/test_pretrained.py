@@ -319,6 +319,46 @@ def test_local_path_and_url_sources(server, weights_file, tmp_path):
     flax_resnet.load_pretrained(PRESET, local, sha256='f' * 64)
 
 
+def test_pretrained_carries_the_transform_and_class_names(server, registered,
+                                                         tmp_path):
+  model = flax_resnet.create_model(PRESET, num_classes=1000)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)),
+                                           train=False))(jax.random.key(3))
+  path = tmp_path / 'in1k.safetensors'
+  convert.save_safetensors(variables, model, path)
+  transform = pretrained.transforms.torchvision(36, 32)
+  entry = registered(Weights(
+      PRESET, 'TEST_IN1K', server.serve('/in1k.safetensors', path.read_bytes()),
+      None, None, 'user', num_classes=1000, transform=transform,
+      label_set='imagenet-1k'))
+  pre = flax_resnet.load_pretrained(PRESET, 'TEST_IN1K', num_classes=1000,
+                                    progress=False)
+  assert isinstance(pre, flax_resnet.Pretrained)
+  assert (pre.transform, pre.entry) == (transform, entry)
+  assert pre.categories == pretrained.imagenet_categories()
+  x = pre.transform(np.zeros((40, 50, 3), np.uint8))
+  logits = pre.model.apply(pre.variables, x[None], train=False)
+  assert pre.categories[int(logits.argmax())] in pre.categories
+  unpacked_model, unpacked = pre  # the old two-value form still works
+  assert unpacked_model is pre.model and unpacked is pre.variables
+  # A fresh head (another size, or skip_head) has no class names; the
+  # body's preprocessing still holds.
+  for kwargs in ({'num_classes': 5}, {'num_classes': 1000,
+                                      'skip_head': True}):
+    fresh = flax_resnet.load_pretrained(PRESET, 'TEST_IN1K', progress=False,
+                                        **kwargs)
+    assert fresh.categories is None and fresh.transform == transform
+  # A plain file knows neither, says so, and takes a transform by tag.
+  plain = flax_resnet.load_pretrained(PRESET, path, num_classes=1000)
+  assert (plain.transform, plain.categories, plain.entry) == (None, None, None)
+  assert 'transform: unknown (weights from a file or URL' in repr(plain)
+  assert flax_resnet.load_pretrained(
+      PRESET, path, num_classes=1000, transform='TEST_IN1K').transform == (
+          transform)
+  with pytest.raises(ValueError, match=r"transform='TEST_V9'.*TEST_IN1K"):
+    flax_resnet.load_pretrained(PRESET, path, transform='TEST_V9')
+
+
 def test_num_classes_gives_a_fresh_head_and_skip_head_works(weights_file,
                                                             tmp_path):
   data, variables = weights_file

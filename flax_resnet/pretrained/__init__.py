@@ -148,8 +148,8 @@ class Pretrained:
              f'{self.entry.publisher} {self.entry.preset} {self.entry.tag}')
     classes = ('categories unknown' if self.categories is None else
                f'{len(self.categories)} categories')
-    return (f'Pretrained({self.model.spec.name}, {where}, {classes}, '
-            f'transform: {self.describe_transform()})')
+    return (f'Pretrained({where}, num_classes={self.model.spec.num_classes}'
+            f', {classes}, transform: {self.describe_transform()})')
 
   def describe_transform(self) -> str:
     if self.transform is None:

@@ -7,9 +7,9 @@ one list serves them all. The names are torchvision's `_IMAGENET_CATEGORIES`
 imagenet_synset_to_lemma.txt gives the same first lemma for 998 of them;
 torchvision disambiguates the two WordNet homonyms, 134 'crane bird'
 (vs 517 'crane', the machine) and 639 'maillot tank suit' (vs 638
-'maillot'). Keras' imagenet_class_index.json (downloaded by
-decode_predictions, not shipped by keras) spells the same lemmas with
-underscores and keeps both duplicates ('crane', 'maillot').
+'maillot'). Keras' decode_predictions downloads imagenet_class_index.json
+at run time (keras ships no copy, so it is not compared here); it writes the
+first lemmas with underscores ('great_white_shark'). MXNet ships no names.
 """
 
 from __future__ import annotations

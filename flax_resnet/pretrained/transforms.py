@@ -17,6 +17,7 @@ worst differences).
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from typing import Any, Optional, Sequence
 
@@ -135,7 +136,14 @@ class EvalTransform:
     return f'{" -> ".join(parts)} -> {norm}'
 
   def __call__(self, image: Any) -> np.ndarray:
-    """float32 (crop_size, crop_size, 3) of a PIL image or uint8 array."""
+    """float32 (crop_size, crop_size, 3) of an image.
+
+    Args:
+      image: a PIL image (any mode; converted to RGB as the publishers'
+        loaders do), a uint8 (H, W, 3) RGB or (H, W) grayscale array, or the
+        bytes of an encoded file (for a training config's transform, decoded
+        exactly as the training pipeline decodes them).
+    """
     pixels = self.resized(image)
     return normalization_table(self)[pixels, np.arange(3)]
 
@@ -149,6 +157,10 @@ class EvalTransform:
 
   def resized(self, image: Any) -> np.ndarray:
     """The uint8 (crop_size, crop_size, 3) image before normalisation."""
+    if isinstance(image, (bytes, bytearray)):
+      if self.resize == 'box':
+        return self._pipeline_resized(bytes(image))
+      image = _open(bytes(image))
     pil, array = _as_rgb(image)
     size = self.crop_size
     if self.resampler == 'opencv':
@@ -166,6 +178,18 @@ class EvalTransform:
     if self.channels == 'BGR':
       out = out[..., ::-1]
     return np.ascontiguousarray(out)
+
+  def _pipeline_resized(self, data: bytes) -> np.ndarray:
+    """The training pipeline's decode + resize of an encoded image: its JPEG
+    decoder reads only the box, and PIL's resize of that smaller window can
+    round 1/255 apart from resizing the whole decoded image."""
+    from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
+    stored = preprocess.StoredImage(data, 'image')
+    size = self.crop_size
+    if (stored.height, stored.width) == (size, size):
+      return stored.array()
+    return stored.crop_resize(preprocess.resize_center_crop_box(
+        stored.height, stored.width, size, self.crop_pct), size)
 
   def _pil_resized(self, pil: Image.Image) -> np.ndarray:
     size = self.crop_size
@@ -188,6 +212,16 @@ class EvalTransform:
 
 def _numbers(values: Sequence[float]) -> str:
   return '(' + ', '.join(f'{v:g}' for v in values) + ')'
+
+
+def _open(data: bytes) -> Image.Image:
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+  except (OSError, ValueError) as e:
+    raise ValueError(f'image: could not decode the {len(data)} bytes '
+                     f'given: {e}') from e
+  return image
 
 
 def _as_rgb(image: Any) -> tuple[Optional[Image.Image], Optional[np.ndarray]]:
