@@ -130,9 +130,12 @@ class _Prepare:
   def __call__(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
     label = preprocess.check_label(element['label'], self._options)
-    stored = preprocess.StoredImage(
-        element['image'], preprocess.image_where(element, self._options))
-    return {'image': self._transform(stored.array()), 'label': label}
+    image = element['image']
+    if isinstance(image, np.ndarray) and image.dtype.kind in 'SO':
+      image = image.item()  # encoded bytes, as a TFDS source returns them
+    return {'image': inference.model_input(
+        self._transform, image,
+        preprocess.image_where(element, self._options)), 'label': label}
 
 
 def batches(config, transform, batch_size: int, threads: int):

@@ -463,6 +463,24 @@ def positive_int(text: str) -> int:
   return value
 
 
+def model_input(transform, image: Any, where: str) -> np.ndarray:
+  """transform(image) for a stored image (encoded bytes or an array).
+
+  Decoded by the training pipeline's decoder (data/preprocess.py), so its
+  errors name `where`. A training run's 'box' transform takes the encoded
+  bytes themselves: it then decodes only the box, as the run's eval did (a
+  whole decoded image can resize 1/255 apart).
+  """
+  from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
+  stored = preprocess.StoredImage(image, where)
+  if transform.resize == 'box' and isinstance(image, (bytes, np.bytes_)):
+    try:
+      return transform(bytes(image))
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from None
+  return transform(stored.array())
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
   shifted = logits - logits.max(axis=-1, keepdims=True)
   exp = np.exp(shifted)

@@ -61,14 +61,12 @@ def image_paths(arguments: Sequence[str]) -> list[str]:
 
 def read_image(path: str, transform) -> np.ndarray:
   """The model input for one file; ValueError naming the file if unusable."""
-  from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
   try:
     with open(path, 'rb') as f:
       data = f.read()
   except OSError as e:
     raise ValueError(f'{path}: {e.strerror}') from None
-  stored = preprocess.StoredImage(data, f'file {path!r}')
-  return transform(stored.array())
+  return inference.model_input(transform, data, f'file {path!r}')
 
 
 def _top(probabilities: np.ndarray, k: int) -> list[int]:

@@ -210,3 +210,24 @@ def test_console_error_has_no_traceback(tmp_path):
   assert result.returncode == 2
   assert result.stderr.startswith('error: --weights') and (
       result.stderr.count('\n') == 1), result.stderr
+
+
+@pytest.mark.parametrize('augment', ['imagenet', 'none'])
+def test_run_preprocessing_equals_the_training_eval_pipeline(augment):
+  """JPEG bytes become exactly what the run's eval fed the model (with
+  'imagenet', only the crop box is decoded: a whole decoded image can resize
+  1/255 apart)."""
+  from test_train_loop import digits_config  # pylint: disable=g-import-not-at-top
+  from flax_resnet import inference  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
+  config = digits_config(augment=augment, image_size=24, eval_crop_ratio=0.8,
+                         mean_rgb=(120.0, 110.0, 100.0),
+                         std_rgb=(60.0, 61.0, 62.0))
+  pipeline = preprocess.EvalPreprocess(
+      preprocess.PreprocessOptions.from_config(config, 'eval_split'))
+  transform = transforms.from_config(config)
+  for seed, size in enumerate([(37, 53), (61, 29), (24, 24), (100, 75)]):
+    jpeg = ua.jpeg(seed, size=size)
+    want = pipeline.map({'image': jpeg, 'label': 0, 'mask': True})['image']
+    got = inference.model_input(transform, jpeg, 'test image')
+    np.testing.assert_array_equal(got, want, err_msg=str(size))
