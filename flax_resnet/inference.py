@@ -173,9 +173,21 @@ def _load_weights(model: str, weights: str, transform: Optional[str],
                   progress: bool) -> Loaded:
   from flax_resnet import convert, pretrained  # pylint: disable=g-import-not-at-top
   _check_preset(model)
-  chosen = None
   if transform is not None:
     chosen = _registry_transform(*_parse_transform(transform))
+  else:
+    chosen = None
+    tag = weights[len(model) + 1:] if weights.startswith(model + '.') else (
+        weights)  # 'resnet50.a1_in1k' names the tag 'a1_in1k' too
+    is_file = weights.startswith(('http://', 'https://', 'file://')) or (
+        os.path.exists(os.path.expanduser(weights)))
+    if (is_file and (model, tag) not in pretrained.REGISTRY
+        and _default_transform(model)[0] is None):
+      raise UsageError(
+          f'--weights {weights}: no preprocessing is known for these weights '
+          f'({model} has no registered weights to take it from); pass '
+          '--transform PRESET:TAG naming registered weights with the same '
+          'preprocessing, e.g. --transform resnet50:IMAGENET1K_V1.')
   try:
     loaded = _load_pretrained(model, weights, progress)
   except (pretrained.DownloadError, pretrained.ChecksumMismatch) as e:
@@ -201,11 +213,10 @@ def _load_weights(model: str, weights: str, transform: Optional[str],
     found, source_entry = _default_transform(model)
     how = ('a weights file\'s default; choose another with --transform '
            'PRESET:TAG')
-  if found is None:
+  if found is None:  # a registered entry without a recorded preprocessing
     raise UsageError(
-        f'--weights {weights}: no preprocessing is known for these weights '
-        f'({model} has no registered weights to take it from); pass '
-        '--transform PRESET:TAG naming registered weights with the same '
+        f'--weights {weights}: its registry entry records no preprocessing; '
+        'pass --transform PRESET:TAG naming registered weights with the same '
         'preprocessing, e.g. --transform resnet50:IMAGENET1K_V1.')
   categories = loaded.categories
   if categories is None and loaded.model.spec.num_classes == 1000:

@@ -295,10 +295,13 @@ def test_weights_file_transform_chosen_with_flag(capsys, weight_files,
   assert [t['index'] for t in json.loads(out)['top']] == list(order)
 
 
-def test_weights_file_without_any_known_transform_is_refused(capsys,
-                                                              weight_files):
+@pytest.mark.parametrize('weights', ['file', 'http://127.0.0.1:9/w.pth'])
+def test_weights_file_without_any_known_transform_is_refused(
+    capsys, weight_files, weights):
+  # Before any download: nothing listens on port 9.
+  weights = weight_files[10] if weights == 'file' else weights
   code, out, err = run_main(capsys, weight_files['photo'], '--model',
-                            'resnet20', '--weights', weight_files[10])
+                            'resnet20', '--weights', weights)
   assert code == 2 and not out
   assert err.startswith('error: --weights') and '--transform PRESET:TAG' in err
-  assert err.count('\n') == 1
+  assert 'no preprocessing is known' in err and err.count('\n') == 1
