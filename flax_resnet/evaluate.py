@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from flax_resnet import inference
+from flax_resnet import workdir as workdir_lib
 
 DEFAULT_SPLITS = ('validation', 'test')
 
@@ -64,7 +65,7 @@ def dataset_config(run, dataset: Optional[str], data_dir: Optional[str],
     config.data_dir = data_dir
   if split is not None:
     config.eval_split = split
-  categories = inference.dataset_categories(config)
+  categories = workdir_lib.dataset_categories(config)
   # A label feature without class names: the classifier's size is trusted
   # (check_classifier then passes; labels out of range still fail).
   config.num_classes = len(categories) if categories else 0
@@ -230,7 +231,7 @@ def reference_top1(loaded: inference.Loaded, config) -> Optional[str]:
   run = loaded.run_config
   if run is not None and (config.dataset, config.eval_split) == (
       run.dataset, run.eval_split):
-    top1 = inference.logged_top1(loaded.workdir).get(loaded.step)
+    top1 = workdir_lib.logged_top1(loaded.workdir).get(loaded.step)
     if top1 is not None:
       return f'the run logged {top1 * 100:.3f} % at step {loaded.step}'
   return None
@@ -264,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   inference.quiet_libraries()
   from flax_resnet.data import sources  # pylint: disable=g-import-not-at-top
   try:
-    if not inference.looks_like_workdir(args.weights):
+    if not workdir_lib.looks_like_workdir(args.weights):
       # The dataset is checked before any download.
       dataset_config(None, args.dataset, args.data_dir, args.split)
     loaded = inference.load(args.model, args.weights, transform=args.transform,

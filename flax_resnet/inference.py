@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -26,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from flax_resnet import workdir as workdir_lib
 
 CHECKPOINT_CHOICES = ('latest', 'best')
 
@@ -102,7 +101,7 @@ def load(model: Optional[str], weights: str, *,
     UsageError: any argument is unusable; the message says which and how.
   """
   path = pathlib.Path(os.path.expanduser(weights))
-  if looks_like_workdir(weights):
+  if workdir_lib.looks_like_workdir(weights):
     if transform is not None:
       raise UsageError(
           f'--transform {transform}: a workdir brings its own preprocessing '
@@ -250,182 +249,21 @@ def _load_pretrained(model: str, weights: str, progress: bool):
   return loaded
 
 
-# ------------------------------------------------------------- workdirs
-
-
-def looks_like_workdir(weights: str) -> bool:
-  return pathlib.Path(os.path.expanduser(weights)).is_dir()
-
-
-def checkpoint_folder(path: pathlib.Path) -> Optional[pathlib.Path]:
-  """The folder of a workdir's checkpoints (or `path` itself), else None."""
-  for folder in (path / 'checkpoints', path):
-    if folder.is_dir() and any(
-        (step / 'meta').is_dir() for step in folder.iterdir()
-        if step.name.isdigit()):
-      return folder
-  return None
-
-
-def logged_top1(workdir: pathlib.Path) -> dict[int, float]:
-  """{step: eval top-1} of the evals WORKDIR/metrics.jsonl records."""
-  scores = {}
-  metrics = workdir / 'metrics.jsonl'
-  if not metrics.is_file():
-    return scores
-  for line in metrics.read_bytes().decode('utf-8', 'replace').splitlines():
-    try:
-      record = json.loads(line)
-      if 'eval_top1' in record:
-        scores[int(record['step'])] = float(record['eval_top1'])
-    except (ValueError, KeyError, TypeError):
-      continue  # a line cut short: it names no step
-  return scores
-
-
-def _best_step(workdir: pathlib.Path, steps: list[int]) -> int:
-  """The step on disk with the highest eval top-1 in WORKDIR/metrics.jsonl."""
-  scores = {step: top1 for step, top1 in logged_top1(workdir).items()
-            if step in steps}
-  if not scores:
-    raise UsageError(
-        f'--checkpoint best: no checkpoint of {workdir} (steps {steps}) has '
-        f'an eval record in {workdir / "metrics.jsonl"}; use --checkpoint '
-        'latest or a step.')
-  return max(scores, key=lambda step: (scores[step], step))
-
-
-def _choose_step(workdir: pathlib.Path, steps: list[int],
-                 checkpoint: str) -> int:
-  if checkpoint == 'latest':
-    return steps[-1]
-  if checkpoint == 'best':
-    return _best_step(workdir, steps)
-  if not checkpoint.isdigit() or int(checkpoint) not in steps:
-    raise UsageError(
-        f'--checkpoint {checkpoint}: {workdir} has checkpoints at steps '
-        f'{steps}; give one of them, latest or best.')
-  return int(checkpoint)
-
-
-def _run_config(meta: dict[str, Any], folder: pathlib.Path, step: int):
-  """The training config saved with a checkpoint, as a ConfigDict."""
-  from flax_resnet.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.default_config()
-  try:
-    saved = meta['config']
-    config.update(json.loads(saved) if isinstance(saved, str) else saved)
-  except (KeyError, TypeError, ValueError, AttributeError) as e:
-    raise UsageError(
-        f'{folder}/{step}/meta holds no training config this version reads '
-        f'({type(e).__name__}: {e}); was it written by train.py?') from None
-  return config
-
-
-def _restore_variables(folder: pathlib.Path, step: int, config, spec):
-  """params and batch_stats of one step, read as train.py resumes it.
-
-  The train state's structure comes from the run's config, so the step is
-  checked like a resume checks it: shapes, and the CRC32 checksum saved
-  with it.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax_resnet.model import ResNet  # pylint: disable=g-import-not-at-top
-  from flax_resnet.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from flax_resnet.train import optim, steps  # pylint: disable=g-import-not-at-top
-  # The optimizer state's structure does not depend on the schedule's values.
-  tx = optim.create_optimizer(config, optim.create_schedule(config, 1, 1))
-  abstract_state = jax.eval_shape(
-      lambda rng: steps.create_train_state(
-          ResNet(spec), tx, rng, (config.image_size, config.image_size, 3),
-          float16=config.precision == 'float16'), jax.random.PRNGKey(0))
-  meta = {'model': config.model, 'spec': repr(spec),
-          'config': config.to_json_best_effort()}
-  checkpointer = checkpoint_lib.Checkpointer(folder, keep=1000,
-                                             keep_best=False)
-  try:
-    state, _ = checkpointer.restore(step, abstract_state, meta)
-  except checkpoint_lib.CheckpointError as e:
-    raise UsageError(f'--checkpoint: {e}; choose another step with '
-                     '--checkpoint STEP.') from None
-  finally:
-    checkpointer.close()
-  return {'params': state.params, 'batch_stats': state.batch_stats}
-
-
-def _load_workdir(model: Optional[str], workdir: pathlib.Path,
+def _load_workdir(model: Optional[str], path: pathlib.Path,
                   checkpoint: str) -> Loaded:
   from flax_resnet.model import ResNet  # pylint: disable=g-import-not-at-top
   from flax_resnet.pretrained import transforms  # pylint: disable=g-import-not-at-top
-  from flax_resnet.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from flax_resnet.train import config_check  # pylint: disable=g-import-not-at-top
-  folder = checkpoint_folder(workdir)
-  if folder is None:
-    raise UsageError(
-        f'--weights {workdir} is a folder without checkpoints (no '
-        f'{workdir}/checkpoints/STEP/); give a training workdir that '
-        'train.py has saved a checkpoint in, or a weights file.')
-  steps = sorted(int(p.name) for p in folder.iterdir()
-                 if p.name.isdigit() and (p / 'meta').is_dir())
-  run_dir = folder.parent if folder.name == 'checkpoints' else folder
-  step = _choose_step(run_dir, steps, checkpoint)
   try:
-    meta = checkpoint_lib.load_meta(folder, step)
-  except (OSError, ValueError) as e:
-    raise UsageError(
-        f'--weights {workdir}: the metadata of step {step} is unreadable '
-        f'({e}); choose another step with --checkpoint STEP.') from None
-  config = _run_config(meta, folder, step)
-  if model is not None and model != config.model:
-    raise UsageError(
-        f'--model {model}: the run in {workdir} trained {config.model}; leave '
-        '--model out (a workdir knows its model) or pass --model '
-        f'{config.model}.')
-  try:
-    spec = config_check.model_spec(config)
-  except ValueError as e:
-    raise UsageError(f'--weights {workdir}: its config does not give a '
-                     f'model ({e}).') from None
-  variables = _restore_variables(folder, step, config, spec)
+    run = workdir_lib.read_run(path, checkpoint, model)
+  except workdir_lib.WorkdirError as e:
+    raise UsageError(str(e)) from None
   return Loaded(
-      model=ResNet(spec), variables=variables,
-      transform=transforms.from_config(config),
+      model=ResNet(run.spec), variables=run.variables,
+      transform=transforms.from_config(run.config),
       transform_source="the run's eval pipeline",
-      categories=run_categories(config), source=f'{config.model} from '
-      f'{folder}, step {step}', run_config=config, step=step,
-      workdir=run_dir)
-
-
-def run_categories(config) -> Optional[tuple[str, ...]]:
-  """The class names of a run's dataset; None (with a warning) if unknown."""
-  try:
-    return dataset_categories(config)
-  except ValueError as e:
-    log.warning('class names of %s are unavailable (%s); showing class '
-                'indices.', config.dataset, str(e).splitlines()[0])
-    return None
-
-
-def dataset_categories(config) -> Optional[tuple[str, ...]]:
-  """Class names of config.dataset in label order (None for synthetic).
-
-  Raises:
-    DatasetNotFoundError: the dataset is not prepared (says how to).
-  """
-  from flax_resnet.data import image_folder, sources  # pylint: disable=g-import-not-at-top
-  if config.dataset == sources.SYNTHETIC:
-    return None
-  if image_folder.is_folder_dataset(config.dataset):
-    try:
-      return tuple(image_folder.ImageFolder(
-          image_folder.root_of(config.dataset)).classes)
-    except image_folder.SourceError as e:
-      raise sources.DatasetNotFoundError(
-          f'--dataset {config.dataset}: {e}') from None
-  builder = sources._prepared_builder(config.dataset, config.data_dir)  # pylint: disable=protected-access
-  label = builder.info.features['label']
-  names = getattr(label, 'names', None)
-  return tuple(names) if names else None
+      categories=workdir_lib.run_categories(run.config),
+      source=f'{run.config.model} from {run.checkpoints}, step {run.step}',
+      run_config=run.config, step=run.step, workdir=run.directory)
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,8 @@ from PIL import Image
 import pytest
 
 import flax_resnet
-from flax_resnet import convert, inference, predict, pretrained
+from flax_resnet import convert, predict, pretrained
+from flax_resnet import workdir as workdir_lib
 from flax_resnet.pretrained import Weights, transforms
 from flax_resnet.data import builders, digits
 import inference_runs
@@ -86,7 +87,7 @@ def test_text_output_is_path_then_names_and_percentages(capsys, digit_files):
 
 def test_best_checkpoint_is_the_highest_logged_eval(capsys, digit_files):
   workdir, _ = inference_runs.digits_workdir()
-  logged = inference.logged_top1(workdir)
+  logged = workdir_lib.logged_top1(workdir)
   assert sorted(logged) == [3, 6]
   best = max(logged, key=lambda s: (logged[s], s))
   _, paths, _ = digit_files
