@@ -1,6 +1,7 @@
 """python -m flax_resnet.predict: workdirs, folders, registered weights, errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from flax_resnet import workdir as workdir_lib
 from flax_resnet.pretrained import Weights, transforms
 from flax_resnet.data import builders, digits
 import inference_runs
+from test_faults import flip_a_byte
 from inference_runs import registered  # pylint: disable=unused-import
 
 
@@ -130,6 +132,24 @@ def test_unreadable_image_is_one_error_line_and_the_rest_are_scored(
   errors = [line for line in err.splitlines() if line.startswith('error:')]
   assert len(errors) == 2 and str(broken) in errors[0]
   assert '1 of 3 images' in errors[1]
+
+
+def test_damaged_checkpoint_is_named_and_left_where_it_is(capsys, tmp_path,
+                                                          digit_files):
+  workdir, _ = inference_runs.digits_workdir()
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  flip_a_byte(copy / 'checkpoints' / '6')
+  _, paths, _ = digit_files
+  code, out, err = run_main(capsys, paths[0], '--weights', copy)
+  assert code == 2 and not out
+  error, = [line for line in err.splitlines() if line.startswith('error:')]
+  assert error.startswith('error: --checkpoint: step 6') and (
+      '--checkpoint STEP' in err), err
+  assert (copy / 'checkpoints' / '6').is_dir()  # read-only: not moved aside
+  code, out, _ = run_main(capsys, paths[0], '--weights', copy,
+                          '--checkpoint', '3')
+  assert code == 0 and out.startswith(str(paths[0]))
 
 
 BAD_INPUTS = [
