@@ -129,6 +129,7 @@ def test_a_bad_image_array_is_refused_by_name(bad):
     ({'crop_size': 300}, 'crop_size=300'),
     ({'mean': (0.5, 0.5)}, 'mean needs 3 values'),
     ({'resize': 'box'}, 'needs crop_pct'),
+    ({'std': (1, 0, 1)}, 'none may be 0'),
 ])
 def test_an_inconsistent_transform_is_refused(fields, mentions):
   base = dict(name='x', resize='shorter', resize_size=256, crop_size=224)
@@ -229,3 +230,6 @@ def test_cli_help_and_an_unknown_preset(capsys):
   assert captured.err.count('\n') == 1
   assert captured.err.startswith("error: no weights are registered for preset "
                                  "'resnet5O'. Did you mean 'resnet50'?")
+  assert cli.main(['resnet20']) == 2
+  assert capsys.readouterr().err.startswith(
+      "error: preset 'resnet20' has no registered weights (load your own")

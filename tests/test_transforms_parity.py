@@ -35,11 +35,12 @@ pytestmark = pytest.mark.slow  # ~20 s: three libraries imported in a child
 
 LIBRARY_SIDE = pathlib.Path(__file__).with_name('library_side')
 # (height, width, PIL mode): odd sizes, both orientations, smaller than the
-# crop (upsampling), exactly 2x the resize (OpenCV switches to INTER_AREA),
-# exactly the resize, and every mode the loaders convert from.
+# crop (upsampling; at 5x9 so much that OpenCV's top-border rows reach the
+# crop), exactly 2x the resize (OpenCV switches to INTER_AREA), exactly the
+# resize, and every mode the loaders convert from.
 GENERATED = ((223, 225, 'RGB'), (500, 97, 'L'), (97, 500, 'RGBA'),
              (256, 256, 'P'), (300, 231, 'RGB'), (512, 600, 'RGB'),
-             (13, 11, 'RGB'), (448, 448, 'RGB'))
+             (13, 11, 'RGB'), (5, 9, 'RGB'), (448, 448, 'RGB'))
 
 
 def _generated(height: int, width: int, mode: str,
@@ -116,7 +117,7 @@ def test_transforms_equal_the_publishers_own(publisher, publisher_outputs,
                                              image_dir):
   entries = flax_resnet.list_pretrained(publisher=publisher)
   images = sorted(image_dir.iterdir())
-  assert entries and len(images) == 10
+  assert entries and len(images) == 11
   for w in entries:
     for path in images:
       theirs = publisher_outputs[f'{w.preset}/{w.tag}|{path.name}']

@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from flax_resnet.pretrained import format_table, list_pretrained
+from flax_resnet.zoo import PRESETS
 
 PUBLISHERS = ('torchvision', 'timm', 'gluon', 'keras')
 
@@ -25,11 +26,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not entries:
     known = sorted({w.preset for w in list_pretrained(
         publisher=args.publisher)})
-    close = difflib.get_close_matches(str(args.preset), known, n=1)
-    hint = f' Did you mean {close[0]!r}?' if close else ''
-    print(f'error: no weights are registered for preset {args.preset!r}'
-          f'{" from " + args.publisher if args.publisher else ""}.{hint} '
-          f'Presets with weights: {", ".join(known)}.', file=sys.stderr)
+    source = f' from {args.publisher}' if args.publisher else ''
+    if args.preset in PRESETS:
+      problem = (f'preset {args.preset!r} has no registered weights{source}'
+                 f' (load your own with load_pretrained({args.preset!r}, '
+                 'PATH_OR_URL)).')
+    else:
+      close = difflib.get_close_matches(str(args.preset), known, n=1)
+      hint = f' Did you mean {close[0]!r}?' if close else ''
+      problem = (f'no weights are registered for preset {args.preset!r}'
+                 f'{source}.{hint}')
+    print(f'error: {problem} Presets with weights{source}: '
+          f'{", ".join(known)}.', file=sys.stderr)
     return 2
   print(format_table(entries))
   return 0

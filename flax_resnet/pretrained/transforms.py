@@ -17,6 +17,7 @@ worst differences).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 from typing import Any, Optional, Sequence
@@ -94,9 +95,11 @@ class EvalTransform:
       if getattr(self, field) not in allowed:
         raise ValueError(f'EvalTransform {field}={getattr(self, field)!r}; '
                          f'use one of {allowed}.')
-    if self.resampler == 'opencv' and self.interpolation != 'bilinear':
+    if self.resampler == 'opencv' and (self.interpolation != 'bilinear'
+                                       or self.resize == 'box'):
       raise ValueError("EvalTransform resampler='opencv' implements only "
-                       "interpolation='bilinear' (MXNet's default).")
+                       "interpolation='bilinear' (MXNet's default) and "
+                       "resize 'shorter' or 'exact'.")
     if self.resize == 'box' and self.crop_pct is None:
       raise ValueError("EvalTransform resize='box' needs crop_pct.")
     if self.crop_size < 1 or self.resize_size < self.crop_size:
@@ -107,6 +110,9 @@ class EvalTransform:
       if len(getattr(self, field)) != 3:
         raise ValueError(f'EvalTransform {field} needs 3 values, one per '
                          f'channel; got {getattr(self, field)!r}.')
+    if 0 in self.std or self.scale == 0:
+      raise ValueError(f'EvalTransform std={self.std!r}, scale={self.scale!r}'
+                       ': they divide, so none may be 0.')
     object.__setattr__(self, 'mean', tuple(float(m) for m in self.mean))
     object.__setattr__(self, 'std', tuple(float(s) for s in self.std))
 
@@ -119,6 +125,9 @@ class EvalTransform:
     """One line: the resize, the crop, the normalisation."""
     resize = RESIZE_RULES[self.resize].format(
         resize_size=self.resize_size, crop_size=self.crop_size)
+    if self.resize == 'exact' and self.crop_size < self.resize_size:
+      resize += f' -> centre crop {self.crop_size}'
+
     how = [self.interpolation]
     if self.resampler == 'opencv':
       how.append('OpenCV, no antialias')
@@ -179,31 +188,34 @@ class EvalTransform:
       out = out[..., ::-1]
     return np.ascontiguousarray(out)
 
+  def _pipeline_box(self, height: int, width: int):
+    """The training pipeline's own box (data/preprocess.py) for 'box', so
+    that a config's transform is what its eval feeds the model; None for an
+    image already crop_size square, which the pipeline only normalises."""
+    from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
+    if (height, width) == (self.crop_size, self.crop_size):
+      return None
+    return preprocess.resize_center_crop_box(height, width, self.crop_size,
+                                             self.crop_pct)
+
   def _pipeline_resized(self, data: bytes) -> np.ndarray:
     """The training pipeline's decode + resize of an encoded image: its JPEG
     decoder reads only the box, and PIL's resize of that smaller window can
     round 1/255 apart from resizing the whole decoded image."""
     from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
     stored = preprocess.StoredImage(data, 'image')
-    size = self.crop_size
-    if (stored.height, stored.width) == (size, size):
-      return stored.array()
-    return stored.crop_resize(preprocess.resize_center_crop_box(
-        stored.height, stored.width, size, self.crop_pct), size)
+    box = self._pipeline_box(stored.height, stored.width)
+    return stored.array() if box is None else stored.crop_resize(
+        box, self.crop_size)
 
   def _pil_resized(self, pil: Image.Image) -> np.ndarray:
     size = self.crop_size
     width, height = pil.size
     method = INTERPOLATIONS[self.interpolation]
     if self.resize == 'box':
-      if (height, width) == (size, size):
-        return np.asarray(pil)
-      # The training pipeline's own box (data/preprocess.py), so that a
-      # config's transform is what its eval feeds the model.
-      from flax_resnet.data import preprocess  # pylint: disable=g-import-not-at-top
-      box = preprocess.resize_center_crop_box(height, width, size,
-                                              self.crop_pct)
-      return np.asarray(pil.resize((size, size), method, box=box))
+      box = self._pipeline_box(height, width)
+      return np.asarray(pil if box is None else
+                        pil.resize((size, size), method, box=box))
     new_h, new_w = _resized_shape(height, width, self)
     if (new_h, new_w) != (height, width):
       pil = pil.resize((new_w, new_h), method)
@@ -268,12 +280,19 @@ def _center_crop(array: np.ndarray, size: int, offset: str) -> np.ndarray:
   return array[top:top + size, left:left + size]
 
 
+@functools.lru_cache(maxsize=64)
 def normalization_table(transform: EvalTransform) -> np.ndarray:
-  """(256, 3) float32: (value / scale - mean[c]) / std[c], float32 steps."""
+  """(256, 3) float32: (value / scale - mean[c]) / std[c], float32 steps.
+
+  Each step rounds to float32 as torchvision's, timm's, MXNet's and Keras'
+  own float32 arithmetic does (the parity tests compare bit for bit).
+  """
   values = np.arange(256, dtype=np.float32)[:, None]
   scaled = values / np.float32(transform.scale)
-  return ((scaled - np.asarray(transform.mean, np.float32))
-          / np.asarray(transform.std, np.float32)).astype(np.float32)
+  table = ((scaled - np.asarray(transform.mean, np.float32))
+           / np.asarray(transform.std, np.float32)).astype(np.float32)
+  table.setflags(write=False)  # shared by every call (cached)
+  return table
 
 
 # ------------------------------------------------------ the publishers' rules
