@@ -50,16 +50,12 @@ import functools
 import json
 import logging
 
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-import orbax.checkpoint as ocp
 
 from configs import quickstart
 from flax_resnet import data
-from flax_resnet.model import ResNet
 from flax_resnet.train import checkpoint
-from flax_resnet.train import config_check
 from flax_resnet.train import loop
 
 config = quickstart.get_config()
@@ -173,39 +169,38 @@ plt.show()
 # %% [markdown]
 # ## Evaluate the final checkpoint and look at the mistakes
 #
-# Restore the last checkpoint's parameters and BatchNorm statistics, run
-# the model over the eval iterator (`data.make_eval_iterator`, which pads
-# the last batch and marks padding with `mask=False`), and collect the
-# wrong predictions. The accuracy computed here must equal the loop's.
+# `inference.load(None, workdir)` restores the newest checkpoint as a resume
+# would (shapes and checksum checked) and brings the run's model, its eval
+# preprocessing and its class names; `evaluate.evaluate` scores the whole
+# eval split with them, as `python -m flax_resnet.evaluate --weights WORKDIR`
+# does. Then run the model over the eval iterator (`data.make_eval_iterator`,
+# which pads the last batch and marks padding with `mask=False`) and collect
+# the wrong predictions. Both accuracies must equal the loop's.
 
 # %%
-spec = config_check.validate_config(config)
-model = ResNet(spec)
-manager = checkpoint.Checkpointer(workdir / 'checkpoints', keep=3,
-                                  keep_best=False)
-final_step = manager.all_steps()[-1]
-restored = manager.manager.restore(final_step, args=ocp.args.Composite(
-    state=ocp.args.StandardRestore()))['state']
-manager.close()
-variables = {'params': restored['params'],
-             'batch_stats': restored['batch_stats']}
-predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
+from flax_resnet import evaluate, inference
+
+loaded = inference.load(None, str(workdir))  # --checkpoint latest
+scores = evaluate.evaluate(loaded, loaded.run_config, progress=False)
+print(f'{loaded.source}: {evaluate.report(scores, None)}')
 
 images, labels, predictions = [], [], []
 for batch in data.make_eval_iterator(config):
   mask = batch['mask']
   images.append(batch['image'][mask])
   labels.append(batch['label'][mask])
-  predictions.append(np.asarray(predict(variables, batch['image']))[mask])
+  predictions.append(np.asarray(loaded.logits(batch['image'])).argmax(-1)[mask])
 images, labels, predictions = map(np.concatenate,
                                   (images, labels, predictions))
 wrong = np.flatnonzero(predictions != labels)
 recomputed = 1.0 - len(wrong) / len(labels)
-print(f'checkpoint step {final_step}: {len(labels)} held-out digits, '
+print(f'checkpoint step {loaded.step}: {len(labels)} held-out digits, '
       f'{len(wrong)} wrong, accuracy {recomputed:.4f}')
-assert final_step == total_steps
-assert len(labels) == info.num_eval
+assert loaded.step == total_steps
+assert loaded.categories == tuple(str(d) for d in range(10))
+assert len(labels) == info.num_eval == scores.examples
 assert abs(recomputed - accuracy) < 1e-9
+assert abs(scores.top1 - accuracy) < 1e-9
 
 # %%
 confusion = np.zeros((10, 10), int)
