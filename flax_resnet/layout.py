@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -252,10 +253,42 @@ def _fmt(value) -> str:
   return repr(value) if isinstance(value, str) else str(value)
 
 
-def compare(layout: Layout, reference: dict[str, Any],
-            reference_name: str) -> list[str]:
-  """Every difference from a reference entry, in words; [] means a match."""
-  problems = []
+@dataclasses.dataclass(frozen=True)
+class Fixes:
+  """How a user changes the reference check where it runs: '{}' is a name."""
+  reference: str
+  entry: str
+  skip: str
+  model: str
+
+
+CONFIG_FIXES = Fixes(reference='config.reference={}',
+                     entry='config.reference_model={}',
+                     skip='set config.reference=None',
+                     model='config.model={} and no model_overrides')
+CLI_FIXES = Fixes(reference='--reference {}', entry='--reference-model {}',
+                  skip='pass --reference none',
+                  model='python -m flax_resnet.layout {}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+  """One difference from a reference: `text` in words, the rest for tables."""
+  where: str  # 'stem', 'stage 2 block 0', 'total'
+  what: str  # words of the field, e.g. 'strided conv', 'parameters'
+  have: Any  # None: the block is missing here
+  want: Any  # None: the block is absent in the reference
+  text: str
+
+  @property
+  def counts(self) -> bool:
+    return self.what in ('parameters', 'parameters and BN statistics')
+
+
+def differences(layout: Layout, reference: dict[str, Any],
+                reference_name: str) -> list[Difference]:
+  """Every difference from a reference entry; [] means a match."""
+  found = []
   stem = reference.get('stem', {})
   # An entry for a layout-only preset (e.g. resnet50_v1, which has no conv
   # biases) holds the library's real counts but says they are not ours.
@@ -267,17 +300,20 @@ def compare(layout: Layout, reference: dict[str, Any],
     want = stem.get(key)
     have = getattr(layout, f'stem_{key}')
     if want is not None and _fmt(want) != _fmt(have):
-      problems.append(f'stem: {words} {_fmt(have)} here, {_fmt(want)} in '
-                      f'{reference_name}')
+      found.append(Difference(
+          'stem', words, have, want, f'stem: {words} {_fmt(have)} here, '
+          f'{_fmt(want)} in {reference_name}'))
   ref_blocks = {(b['stage'], b['index']): b for b in reference['blocks']}
   ours = {(b.stage, b.index): b for b in layout.blocks}
   for key in sorted(set(ref_blocks) | set(ours)):
     where = f'stage {key[0]} block {key[1]}'
     if key not in ours:
-      problems.append(f'{where}: missing here, present in {reference_name}')
+      found.append(Difference(where, 'block', None, True, f'{where}: missing '
+                              f'here, present in {reference_name}'))
       continue
     if key not in ref_blocks:
-      problems.append(f'{where}: present here, absent in {reference_name}')
+      found.append(Difference(where, 'block', True, None, f'{where}: present '
+                              f'here, absent in {reference_name}'))
       continue
     row, ref = ours[key], ref_blocks[key]
     for field, words in COMPARED_FIELDS.items():
@@ -286,39 +322,191 @@ def compare(layout: Layout, reference: dict[str, Any],
         continue  # the reference does not define this field comparably
       have = getattr(row, field)
       if _fmt(want) != _fmt(have):
-        problems.append(f'{where}: {words} is {_fmt(have)} here but '
-                        f'{_fmt(want)} in {reference_name}')
+        found.append(Difference(
+            where, words, have, want, f'{where}: {words} is {_fmt(have)} '
+            f'here but {_fmt(want)} in {reference_name}'))
   want_total = reference.get('total_params') if counts else None
   if want_total is not None and want_total != layout.total_params:
-    problems.append(f'total parameters {layout.total_params:,} here, '
-                    f'{want_total:,} in {reference_name}')
+    found.append(Difference(
+        'total', 'parameters', layout.total_params, want_total,
+        f'total parameters {layout.total_params:,} here, {want_total:,} in '
+        f'{reference_name}'))
   want_all = reference.get('total_variables') if counts else None
   if want_all is not None and want_all != layout.total_variables:
-    problems.append(f'parameters and BN statistics {layout.total_variables:,} '
-                    f'here, {want_all:,} in {reference_name}')
-  return problems
+    found.append(Difference(
+        'total', 'parameters and BN statistics', layout.total_variables,
+        want_all, f'parameters and BN statistics {layout.total_variables:,} '
+        f'here, {want_all:,} in {reference_name}'))
+  return found
+
+
+def compare(layout: Layout, reference: dict[str, Any],
+            reference_name: str) -> list[str]:
+  """Every difference from a reference entry, in words; [] means a match."""
+  return [d.text for d in differences(layout, reference, reference_name)]
+
+
+def _shown(value, counts: bool) -> str:
+  if counts:
+    return f'{value:,}'
+  if isinstance(value, bool):
+    return 'yes' if value else 'no'
+  return value if isinstance(value, str) else _fmt(value)
+
+
+def format_differences(found: list[Difference], reference_name: str,
+                       causes: Optional[dict[str, str]] = None) -> list[str]:
+  """Aligned lines: layout differences first, then parameter counts."""
+  causes = causes or {}
+  lines = []
+  for title, group in (('strides, shortcuts and shapes',
+                        [d for d in found if not d.counts]),
+                       ('parameter counts', [d for d in found if d.counts])):
+    if not group:
+      continue
+    rows = []
+    for d in group:
+      have = 'missing' if d.have is None else _shown(d.have, d.counts)
+      want = 'absent' if d.want is None else _shown(d.want, d.counts)
+      if d.what == 'block':
+        have, want = ('present', 'absent') if d.want is None else (
+            'missing', 'present')
+      note = ''
+      if d.counts:
+        cause = causes.get(d.where)
+        note = f'({d.want - d.have:+,}{": " + cause if cause else ""})'
+      rows.append((f'{d.where}:', d.what, have, want, note))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    # Numbers line up on their last digit, words on their first letter.
+    just = str.rjust if group[0].counts else str.ljust
+    lines.append(f'{title}:')
+    for where, what, have, want, note in rows:
+      lines.append(
+          f'  {where.ljust(widths[0])} {what.ljust(widths[1])} '
+          f'{just(have, widths[2])} here vs {just(want, widths[3])} in '
+          f'{reference_name}  {note}'.rstrip())
+  return lines
+
+
+# Spec fields that are not architecture: they never explain a difference.
+_NOT_ARCHITECTURE = ('reference', 'num_classes', 'dtype', 'param_dtype')
+
+
+def _spec_words(name: str, value) -> str:
+  if name == 'conv_bias':
+    return f'conv biases on {", ".join(value)}' if value else 'no conv biases'
+  return f'{name} {value!r}'
+
+
+def explain(layout: Layout, spec, entry_name: str, entry: dict[str, Any],
+            reference_name: str, found: list[Difference]):
+  """(causes of count differences by `where`, (preset, its changes) or None).
+
+  Only what a trace confirms: the preset named like the entry is traced
+  against the entry; a count difference gets a cause where that preset
+  matches it, naming the spec fields that alone change this model's counts.
+  """
+  # Imported here: zoo presets are only needed to explain a mismatch.
+  from flax_resnet import zoo  # pylint: disable=g-import-not-at-top
+  preset = zoo.PRESETS.get(entry_name)
+  if spec is None or preset is None:
+    return {}, None
+  # The entry has the preset's head (a run's class count is not architecture).
+  spec = dataclasses.replace(spec, num_classes=preset.num_classes)
+  fields = [f.name for f in dataclasses.fields(spec)
+            if f.name not in _NOT_ARCHITECTURE
+            and getattr(spec, f.name) != getattr(preset, f.name)]
+  if not fields:
+    return {}, None
+  theirs = differences(derive_layout(ResNet(preset), layout.input_shape,
+                                     entry_name), entry, reference_name)
+  changed = '; '.join(f'{_spec_words(f, getattr(preset, f))} (here '
+                      f'{_spec_words(f, getattr(spec, f))})' for f in fields)
+  matching = None if theirs else (entry_name, changed)
+  unexplained = {(d.where, d.what) for d in theirs}
+  # Of the totals, only the parameters: BN statistics move with them.
+  explainable = [d.where for d in found if d.what == 'parameters'
+                 and (d.where, d.what) not in unexplained]
+  if not explainable:
+    return {}, matching
+  ours = _counts(layout)
+  causes: dict[str, list[str]] = {where: [] for where in explainable}
+  for name in fields:
+    try:
+      single = dataclasses.replace(spec, **{name: getattr(preset, name)})
+      single.validate()
+    except ValueError:
+      continue
+    changed_counts = _counts(derive_layout(ResNet(single), layout.input_shape))
+    for where in explainable:
+      if changed_counts.get(where) != ours.get(where):
+        causes[where].append(_spec_words(name, getattr(preset, name)))
+  return ({where: ', '.join(c) for where, c in causes.items() if c},
+          matching)
+
+
+def _counts(layout: Layout) -> dict[str, int]:
+  """Parameter counts by the `where` of a Difference."""
+  counts = {'stem': layout.stem_params, 'total': layout.total_params}
+  counts.update({f'stage {b.stage} block {b.index}': b.params
+                 for b in layout.blocks})
+  return counts
 
 
 class LayoutMismatch(ValueError):
-  """The model's layout differs from its reference; `.problems` lists rows."""
+  """The model's layout differs from its reference; `.problems` lists rows.
 
-  def __init__(self, model: str, reference: str, problems: list[str]):
-    self.problems = problems
-    lines = '\n  '.join(problems)
+  `.lines` is the grouped, aligned table of the differences.
+  """
+
+  def __init__(self, model: str, reference: str, found: list[Difference],
+               fixes: Fixes = CONFIG_FIXES,
+               causes: Optional[dict[str, str]] = None,
+               matching: Optional[tuple[str, str]] = None):
+    self.differences = found
+    self.problems = [d.text for d in found]
+    self.lines = format_differences(found, reference, causes)
+    self.fix = '\n'.join(filter(None, [
+        f'The preset {matching[0]} matches {reference}; this model differs '
+        f'from it in: {matching[1]}. Try {fixes.model.format(matching[0])}.'
+        if matching else '',
+        f'Fix the model overrides, pick the matching reference '
+        f'({fixes.reference.format("NAME")}), or {fixes.skip} to skip the '
+        'reference check.']))
+    lines = '\n  '.join(self.lines)
     super().__init__(
-        f'{model}: layout differs from {reference} in {len(problems)} '
-        f'place(s):\n  {lines}\nFix the model overrides, pick the matching '
-        'reference, or set reference=None to train without a reference check.')
+        f'{model}: layout differs from {reference} in {len(found)} '
+        f'place(s):\n  {lines}\n{self.fix}')
 
 
 def check(layout: Layout, reference_name: str,
-          reference_model: Optional[str] = None) -> dict[str, Any]:
-  """Raises LayoutMismatch on any difference; returns the reference entry."""
-  entry = references.lookup(reference_name, reference_model or layout.model,
-                            layout.input_shape[1])
-  problems = compare(layout, entry, reference_name)
-  if problems:
-    raise LayoutMismatch(layout.model, reference_name, problems)
+          reference_model: Optional[str] = None, *, spec=None,
+          fixes: Fixes = CONFIG_FIXES) -> dict[str, Any]:
+  """Raises LayoutMismatch on any difference; returns the reference entry.
+
+  spec (the model's ResNetSpec) lets a mismatch name its likely cause;
+  fixes words the way out for where the check runs (config or CLI).
+  """
+  entry_name = reference_model or layout.model
+  try:
+    entry = references.lookup(reference_name, entry_name,
+                              layout.input_shape[1])
+  except references.MissingEntry as e:
+    # 'resnet50' is in gluon_v1 as resnet50_v1 and gluon_resnet50_v1.
+    close = (sorted((n for n in e.entries if e.model in n), key=len) or
+             difflib.get_close_matches(e.model, e.entries, n=2, cutoff=0.6))
+    closest = (f' (closest: {", ".join(close)})' if close else '')
+    raise references.MissingEntry(
+        e.name, e.model, e.entries,
+        f'Name one with {fixes.entry.format("NAME")}{closest}, pick another '
+        f'reference ({fixes.reference.format("NAME")}), or {fixes.skip} to '
+        'skip the check.') from None
+  found = differences(layout, entry, reference_name)
+  if found:
+    causes, matching = explain(layout, spec, entry_name, entry,
+                               reference_name, found)
+    raise LayoutMismatch(layout.model, reference_name, found, fixes, causes,
+                         matching)
   return entry
 
 
@@ -457,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--reference', default='default',
                       help='torchvision, timm, gluon_v1, gluon_v2, keras, '
                       "keras_v2, paper, or 'none'. Default: the preset's own.")
-  parser.add_argument('--reference-model', default=None,
+  parser.add_argument('--reference-model', '--reference_model', default=None,
                       help='entry in the reference table (default: the model)')
   parser.add_argument('--size', type=_image_size, default=None,
                       help='input height/width (default 224, CIFAR nets 32)')
@@ -483,11 +671,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print('\nreference: none (no check)')
     return 0
   try:
-    entry = check(layout, reference, args.reference_model)
+    entry = check(layout, reference, args.reference_model,
+                  spec=create_model(args.model, **overrides).spec,
+                  fixes=CLI_FIXES)
   except LayoutMismatch as e:
-    print(f'\nreference {reference}: MISMATCH')
-    for problem in e.problems:
-      print(f'  - {problem}')
+    entry = (f' (entry {args.reference_model})'
+             if args.reference_model not in (None, args.model) else '')
+    print(f'\nreference {reference}{entry}: MISMATCH in '
+          f'{len(e.differences)} place(s)')
+    for line in e.lines:
+      print(f'  {line}')
+    print(e.fix)
     return 1
   except (KeyError, ValueError) as e:
     print(f'\nerror: {e}', file=sys.stderr)

@@ -116,7 +116,7 @@ def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
     checked = layout_lib.derive_layout(
         ResNet(dataclasses.replace(spec, num_classes=ref_classes)),
         (1, ref_size, ref_size, 3), config.model)
-  layout_lib.check(checked, ref, entry_name)
+  layout_lib.check(checked, ref, entry_name, spec=spec)
   if is_lead:
     head_note = ('' if ref_classes == spec.num_classes else
                  f'; head compared at the reference\'s {ref_classes} classes, '
