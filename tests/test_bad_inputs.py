@@ -478,3 +478,14 @@ def test_layout_mismatch_in_training_is_grouped_and_names_config_fields(
   assert lines[-1].endswith('or set config.reference=None to skip the '
                             'reference check.')
   assert_nothing_written(tmp_path)
+
+
+def test_unknown_dataset_error_names_every_kind_of_dataset(tmp_path):
+  """The error listed synthetic and sklearn_digits but not folder:ROOT."""
+  with pytest.raises(data_lib.DatasetNotFoundError) as e:
+    data_lib.dataset_info(fault_config(dataset='my_photos',
+                                       data_dir=str(tmp_path)))
+  text = str(e.value)
+  assert "config.dataset='my_photos' is not a TFDS dataset" in text
+  for kind in ("'folder:ROOT'", "'synthetic'", "'sklearn_digits'"):
+    assert kind in text, text

@@ -117,3 +117,36 @@ def test_worker_processes_leave_no_shared_memory_behind(tmp_path):
   assert '== completed at step 24/24' in result.stdout
   assert 'leaked' not in result.stderr and 'resource_tracker' not in (
       result.stderr), result.stderr[-3000:]
+
+
+def train_help(*args):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_help_exits_0_and_shows_the_config_a_bare_run_trains():
+  """Was exit 1 with the schema's ImageNet/resnet50 defaults."""
+  out = train_help('--help')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert ('Config fields as a run with configs/quickstart.py sets them '
+          '(change one with --config.FIELD=VALUE):') in out.stdout
+  assert "  model = 'resnet20'\n" in out.stdout
+  assert "  dataset = 'sklearn_digits'\n" in out.stdout
+  assert "'folder:ROOT' (your images, ROOT/train/CLASS/*.jpg)" in out.stdout
+  assert '--workdir: Where checkpoints and metrics go' in out.stdout
+
+
+def test_help_shows_the_given_config_and_overrides_wherever_it_stands():
+  out = train_help('-h', '--config', 'configs/resnet50.py',
+                   '--config.batch_size=128',
+                   '--config.model_overrides.shortcut=C')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'a run with configs/resnet50.py sets them' in out.stdout
+  assert "  model = 'resnet50'\n" in out.stdout
+  assert '  batch_size = 128\n' in out.stdout
+  assert "  model_overrides.shortcut = 'C'\n" in out.stdout
+  # A mistake in the flags is still one error line, help or not.
+  out = train_help('--help', '--config.batch_sise=1')
+  assert out.returncode == 1 and out.stderr.startswith('error: ')
