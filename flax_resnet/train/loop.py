@@ -25,6 +25,7 @@ from flax_resnet import zoo
 from flax_resnet.model import ResNet
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config_check
+from flax_resnet.train import finished
 from flax_resnet.train import metrics as metrics_lib
 from flax_resnet.train import optim
 from flax_resnet.train import parallel
@@ -489,7 +490,8 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
                      train_metrics=last_train,
                      seconds=time.time() - started, workdir=str(workdir_path))
   if is_lead:
-    print(summary(result, total_steps))
+    print(finished.message(config, workdir, ckpt.directory, start_step,
+                           total_steps) or summary(result, total_steps))
   return result
 
 
