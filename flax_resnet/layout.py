@@ -262,9 +262,9 @@ def explain(layout: Layout, spec, entry_name: str, entry: dict[str, Any],
   """
   # Imported here: zoo presets are only needed to explain a mismatch.
   from flax_resnet import zoo  # pylint: disable=g-import-not-at-top
-  preset = zoo.PRESETS.get(entry_name)
-  if spec is None or preset is None:
+  if spec is None or entry_name not in zoo.PRESETS:
     return {}, None
+  preset = zoo.get_spec(entry_name)
   # The entry has the preset's head (a run's class count is not architecture).
   spec = dataclasses.replace(spec, num_classes=preset.num_classes)
   fields = [f.name for f in dataclasses.fields(spec)
@@ -272,8 +272,11 @@ def explain(layout: Layout, spec, entry_name: str, entry: dict[str, Any],
             and getattr(spec, f.name) != getattr(preset, f.name)]
   if not fields:
     return {}, None
-  theirs = differences(derive_layout(ResNet(preset), layout.input_shape,
-                                     entry_name), entry, reference_name)
+  try:
+    theirs = differences(derive_layout(ResNet(preset), layout.input_shape,
+                                       entry_name), entry, reference_name)
+  except (ValueError, TypeError):
+    return {}, None  # the preset does not trace at this size: no claim
   changed = '; '.join(f'{_spec_words(f, getattr(preset, f))} (here '
                       f'{_spec_words(f, getattr(spec, f))})' for f in fields)
   matching = None if theirs else (entry_name, changed)
@@ -288,10 +291,10 @@ def explain(layout: Layout, spec, entry_name: str, entry: dict[str, Any],
   for name in fields:
     try:
       single = dataclasses.replace(spec, **{name: getattr(preset, name)})
-      single.validate()
-    except ValueError:
-      continue
-    changed_counts = _counts(derive_layout(ResNet(single), layout.input_shape))
+      changed_counts = _counts(derive_layout(ResNet(single.validate()),
+                                             layout.input_shape))
+    except (ValueError, TypeError):
+      continue  # this field alone makes no valid network: no claim
     for where in explainable:
       if changed_counts.get(where) != ours.get(where):
         causes[where].append(_spec_words(name, getattr(preset, name)))
