@@ -336,6 +336,15 @@ class LayoutMismatch(ValueError):
         f'place(s):\n  {lines}\n{self.fix}')
 
 
+def named_variants(model: str, entries) -> list[str]:
+  """Entries that name `model` as a whole word, shortest first.
+
+  'resnet50' is in gluon_v1 as resnet50_v1 and gluon_resnet50_v1.
+  """
+  word = re.compile(rf'(^|_){re.escape(model)}(_|$)')
+  return sorted((e for e in entries if word.search(e)), key=len)
+
+
 def check(layout: Layout, reference_name: str,
           reference_model: Optional[str] = None, *, spec=None,
           fixes: Fixes = CONFIG_FIXES) -> dict[str, Any]:
@@ -349,8 +358,7 @@ def check(layout: Layout, reference_name: str,
     entry = references.lookup(reference_name, entry_name,
                               layout.input_shape[1])
   except references.MissingEntry as e:
-    # 'resnet50' is in gluon_v1 as resnet50_v1 and gluon_resnet50_v1.
-    close = (sorted((n for n in e.entries if e.model in n), key=len) or
+    close = (named_variants(e.model, e.entries) or
              difflib.get_close_matches(e.model, e.entries, n=2, cutoff=0.6))
     closest = (f' (closest: {", ".join(close)})' if close else '')
     raise references.MissingEntry(
@@ -491,6 +499,23 @@ def _image_size(text: str) -> int:
   return value
 
 
+def _stand_in_entry(model: str, reference: str) -> Optional[str]:
+  """For the CLI: the entry to compare with when the table lacks `model`.
+
+  `--reference gluon_v1` on resnet50 means Gluon's resnet50, which the table
+  holds as resnet50_v1; the choice is printed. Training never guesses.
+  """
+  entries = references.load(reference)['models']
+  variants = named_variants(model, entries)
+  if model in entries or not variants:
+    return None
+  others = (f'; the others: {", ".join(variants[1:])} (--reference-model '
+            'NAME)' if len(variants) > 1 else '')
+  print(f'\nreference {reference} has no entry {model}: comparing with '
+        f'{variants[0]}{others}')
+  return variants[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m flax_resnet.layout',
@@ -527,13 +552,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if reference in (None, 'none'):
     print('\nreference: none (no check)')
     return 0
+  reference_model = args.reference_model
   try:
-    entry = check(layout, reference, args.reference_model,
+    if reference_model is None:
+      reference_model = _stand_in_entry(args.model, reference)
+    entry = check(layout, reference, reference_model,
                   spec=create_model(args.model, **overrides).spec,
                   fixes=CLI_FIXES)
   except LayoutMismatch as e:
-    entry = (f' (entry {args.reference_model})'
-             if args.reference_model not in (None, args.model) else '')
+    entry = (f' (entry {reference_model})'
+             if reference_model not in (None, args.model) else '')
     print(f'\nreference {reference}{entry}: MISMATCH in '
           f'{len(e.differences)} place(s)')
     for line in e.lines:

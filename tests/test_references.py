@@ -329,12 +329,23 @@ def test_cli_mismatch_groups_strides_first_then_aligned_counts_with_cause(
   assert lines[23].startswith('The preset gluon_resnet50_v1 matches gluon_v1')
 
 
+def test_cli_reference_without_the_model_compares_its_named_variant(capsys):
+  """Was exit 2 and 'set reference=None' (a config field, not a flag)."""
+  assert layout.main(['resnet50', '--reference', 'gluon_v1']) == 1
+  out = capsys.readouterr().out
+  assert ('reference gluon_v1 has no entry resnet50: comparing with '
+          'resnet50_v1; the others: gluon_resnet50_v1 (--reference-model '
+          'NAME)') in out
+  assert 'reference gluon_v1 (entry resnet50_v1): MISMATCH in 3 place(s)' in out
+
+
 def test_cli_missing_entry_names_the_cli_flag_and_the_closest_entries(capsys):
-  assert layout.main(['resnet50', '--reference', 'gluon_v1']) == 2
+  assert layout.main(['resnet20', '--reference', 'torchvision']) == 2
   err = capsys.readouterr().err
-  assert ("Name one with --reference-model NAME (closest: resnet50_v1, "
-          'gluon_resnet50_v1)') in err
-  assert 'pass --reference none to skip' in err and 'reference=None' not in err
+  assert ("Name one with --reference-model NAME (closest: resnet50, "
+          'resnet152)') in err
+  assert 'pass --reference none to skip' in err
+  assert 'reference=None' not in err
   # The underscore spelling of the flag is taken too.
   assert layout.main(['resnet50', '--reference', 'gluon_v1',
                       '--reference_model', 'resnet50_v1']) == 1
