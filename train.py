@@ -76,12 +76,37 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'With --distributed: this process, 0..num_processes-1.')
 
 
+# absl's own help flags exit 1, before --config is read, with the schema's
+# ImageNet defaults; answered here instead, after the config has loaded.
+_HELP_FLAGS = {'--help': True, '-help': True, '-h': True, '-?': True,
+               '--helpshort': True, '-helpshort': True, '--helpfull': False,
+               '-helpfull': False}
+
+
 def _parse_flags(argv):
   """absl's parser, with config-override mistakes as one `error:` line."""
+  asked = [_HELP_FLAGS[a] for a in argv[1:] if a in _HELP_FLAGS]
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS([a for a in argv if a not in _HELP_FLAGS])
   except _FLAG_ERRORS as e:
     _fail_on_flag_error(e, argv)
+  if asked:
+    _print_help(short=all(asked))
+  return rest
+
+
+def _print_help(short: bool):
+  """The docstring, the fields of the config that would run, then the flags."""
+  global __doc__
+  _check_config_loaded()
+  from flax_resnet.train.config import schema_help  # pylint: disable=g-import-not-at-top
+  source = config_flags.get_config_filename(flags.FLAGS['config'])
+  try:
+    source = str(pathlib.Path(source).resolve().relative_to(pathlib.Path.cwd()))
+  except ValueError:
+    pass  # outside the current folder: the path as given
+  __doc__ = f'{__doc__}\n{schema_help(_CONFIG.value, source)}\n'
+  app.usage(shorthelp=short, writeto_stdout=True, exitcode=0)
 
 
 def _check_process_flags():
@@ -189,6 +214,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from flax_resnet.train.config import schema_help  # pylint: disable=g-import-not-at-top
-  __doc__ = f'{__doc__}\n{schema_help()}\n'  # absl prints it for --help
   app.run(main, flags_parser=_parse_flags)

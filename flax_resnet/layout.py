@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -23,25 +24,20 @@ import numpy as np
 
 from flax_resnet import layers
 from flax_resnet import references
+from flax_resnet.layout_compare import CLI_FIXES
+from flax_resnet.layout_compare import COMPARED_FIELDS  # pylint: disable=unused-import
+from flax_resnet.layout_compare import compare  # pylint: disable=unused-import
+from flax_resnet.layout_compare import CONFIG_FIXES
+from flax_resnet.layout_compare import Difference
+from flax_resnet.layout_compare import differences
+from flax_resnet.layout_compare import Fixes
+from flax_resnet.layout_compare import format_differences
+from flax_resnet.layout_compare import format_value
 from flax_resnet.model import ResidualBlock, ResNet, Stem
 from flax_resnet.spec import parse_override
 from flax_resnet.zoo import create_model
 
 _BLOCK_NAME = re.compile(r'^stage(\d+)_block(\d+)$')
-
-# Fields compared against a reference row, with the words used for mismatches.
-COMPARED_FIELDS = {
-    'in_channels': 'input channels',
-    'out_channels': 'output channels',
-    'in_size': 'input size',
-    'out_size': 'output size',
-    'stride_at': 'strided conv',
-    'shortcut': 'shortcut',
-    'shortcut_stride': 'shortcut stride',
-    'shortcut_norm': 'BN on the shortcut',
-    'params': 'parameters',
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -246,79 +242,136 @@ def layout_of(name: str, image_size: Optional[int] = None,
 # ----------------------------------------------------------------- comparison
 
 
-def _fmt(value) -> str:
-  if isinstance(value, (list, tuple)):
-    return 'x'.join(str(v) for v in value)
-  return repr(value) if isinstance(value, str) else str(value)
+# Spec fields that are not architecture: they never explain a difference.
+_NOT_ARCHITECTURE = ('reference', 'num_classes', 'dtype', 'param_dtype')
 
 
-def compare(layout: Layout, reference: dict[str, Any],
-            reference_name: str) -> list[str]:
-  """Every difference from a reference entry, in words; [] means a match."""
-  problems = []
-  stem = reference.get('stem', {})
-  # An entry for a layout-only preset (e.g. resnet50_v1, which has no conv
-  # biases) holds the library's real counts but says they are not ours.
-  counts = reference.get('counts_compared', True)
-  for key, words in (('out_channels', 'output channels'),
-                     ('out_size', 'output size'), ('params', 'parameters')):
-    if key == 'params' and not counts:
-      continue
-    want = stem.get(key)
-    have = getattr(layout, f'stem_{key}')
-    if want is not None and _fmt(want) != _fmt(have):
-      problems.append(f'stem: {words} {_fmt(have)} here, {_fmt(want)} in '
-                      f'{reference_name}')
-  ref_blocks = {(b['stage'], b['index']): b for b in reference['blocks']}
-  ours = {(b.stage, b.index): b for b in layout.blocks}
-  for key in sorted(set(ref_blocks) | set(ours)):
-    where = f'stage {key[0]} block {key[1]}'
-    if key not in ours:
-      problems.append(f'{where}: missing here, present in {reference_name}')
-      continue
-    if key not in ref_blocks:
-      problems.append(f'{where}: present here, absent in {reference_name}')
-      continue
-    row, ref = ours[key], ref_blocks[key]
-    for field, words in COMPARED_FIELDS.items():
-      want = ref.get(field) if counts or field != 'params' else None
-      if want is None:
-        continue  # the reference does not define this field comparably
-      have = getattr(row, field)
-      if _fmt(want) != _fmt(have):
-        problems.append(f'{where}: {words} is {_fmt(have)} here but '
-                        f'{_fmt(want)} in {reference_name}')
-  want_total = reference.get('total_params') if counts else None
-  if want_total is not None and want_total != layout.total_params:
-    problems.append(f'total parameters {layout.total_params:,} here, '
-                    f'{want_total:,} in {reference_name}')
-  want_all = reference.get('total_variables') if counts else None
-  if want_all is not None and want_all != layout.total_variables:
-    problems.append(f'parameters and BN statistics {layout.total_variables:,} '
-                    f'here, {want_all:,} in {reference_name}')
-  return problems
+def _spec_words(name: str, value) -> str:
+  if name == 'conv_bias':
+    return f'conv biases on {", ".join(value)}' if value else 'no conv biases'
+  return f'{name} {value!r}'
+
+
+def explain(layout: Layout, spec, entry_name: str, entry: dict[str, Any],
+            reference_name: str, found: list[Difference]):
+  """(causes of count differences by `where`, (preset, its changes) or None).
+
+  Only what a trace confirms: the preset named like the entry is traced
+  against the entry; a count difference gets a cause where that preset
+  matches it, naming the spec fields that alone change this model's counts.
+  """
+  # Imported here: zoo presets are only needed to explain a mismatch.
+  from flax_resnet import zoo  # pylint: disable=g-import-not-at-top
+  if spec is None or entry_name not in zoo.PRESETS:
+    return {}, None
+  preset = zoo.get_spec(entry_name)
+  # The entry has the preset's head (a run's class count is not architecture).
+  spec = dataclasses.replace(spec, num_classes=preset.num_classes)
+  fields = [f.name for f in dataclasses.fields(spec)
+            if f.name not in _NOT_ARCHITECTURE
+            and getattr(spec, f.name) != getattr(preset, f.name)]
+  if not fields:
+    return {}, None
+  try:
+    theirs = differences(derive_layout(ResNet(preset), layout.input_shape,
+                                       entry_name), entry, reference_name)
+  except (ValueError, TypeError):
+    return {}, None  # the preset does not trace at this size: no claim
+  changed = '; '.join(f'{_spec_words(f, getattr(preset, f))} (here '
+                      f'{_spec_words(f, getattr(spec, f))})' for f in fields)
+  matching = None if theirs else (entry_name, changed)
+  unexplained = {(d.where, d.what) for d in theirs}
+  # Of the totals, only the parameters: BN statistics move with them.
+  explainable = [d.where for d in found if d.what == 'parameters'
+                 and (d.where, d.what) not in unexplained]
+  if not explainable:
+    return {}, matching
+  ours = _counts(layout)
+  causes: dict[str, list[str]] = {where: [] for where in explainable}
+  for name in fields:
+    try:
+      single = dataclasses.replace(spec, **{name: getattr(preset, name)})
+      changed_counts = _counts(derive_layout(ResNet(single.validate()),
+                                             layout.input_shape))
+    except (ValueError, TypeError):
+      continue  # this field alone makes no valid network: no claim
+    for where in explainable:
+      if changed_counts.get(where) != ours.get(where):
+        causes[where].append(_spec_words(name, getattr(preset, name)))
+  return ({where: ', '.join(c) for where, c in causes.items() if c},
+          matching)
+
+
+def _counts(layout: Layout) -> dict[str, int]:
+  """Parameter counts by the `where` of a Difference."""
+  counts = {'stem': layout.stem_params, 'total': layout.total_params}
+  counts.update({f'stage {b.stage} block {b.index}': b.params
+                 for b in layout.blocks})
+  return counts
 
 
 class LayoutMismatch(ValueError):
-  """The model's layout differs from its reference; `.problems` lists rows."""
+  """The model's layout differs from its reference; `.problems` lists rows.
 
-  def __init__(self, model: str, reference: str, problems: list[str]):
-    self.problems = problems
-    lines = '\n  '.join(problems)
+  `.lines` is the grouped, aligned table of the differences.
+  """
+
+  def __init__(self, model: str, reference: str, found: list[Difference],
+               fixes: Fixes = CONFIG_FIXES,
+               causes: Optional[dict[str, str]] = None,
+               matching: Optional[tuple[str, str]] = None):
+    self.differences = found
+    self.problems = [d.text for d in found]
+    self.lines = format_differences(found, reference, causes)
+    self.fix = '\n'.join(filter(None, [
+        f'The preset {matching[0]} matches {reference}; this model differs '
+        f'from it in: {matching[1]}. Try {fixes.model.format(matching[0])}.'
+        if matching else '',
+        f'Fix the model overrides, pick the matching reference '
+        f'({fixes.reference.format("NAME")}), or {fixes.skip} to skip the '
+        'reference check.']))
+    lines = '\n  '.join(self.lines)
     super().__init__(
-        f'{model}: layout differs from {reference} in {len(problems)} '
-        f'place(s):\n  {lines}\nFix the model overrides, pick the matching '
-        'reference, or set reference=None to train without a reference check.')
+        f'{model}: layout differs from {reference} in {len(found)} '
+        f'place(s):\n  {lines}\n{self.fix}')
+
+
+def named_variants(model: str, entries) -> list[str]:
+  """Entries that name `model` as a whole word, shortest first.
+
+  'resnet50' is in gluon_v1 as resnet50_v1 and gluon_resnet50_v1.
+  """
+  word = re.compile(rf'(^|_){re.escape(model)}(_|$)')
+  return sorted((e for e in entries if word.search(e)), key=len)
 
 
 def check(layout: Layout, reference_name: str,
-          reference_model: Optional[str] = None) -> dict[str, Any]:
-  """Raises LayoutMismatch on any difference; returns the reference entry."""
-  entry = references.lookup(reference_name, reference_model or layout.model,
-                            layout.input_shape[1])
-  problems = compare(layout, entry, reference_name)
-  if problems:
-    raise LayoutMismatch(layout.model, reference_name, problems)
+          reference_model: Optional[str] = None, *, spec=None,
+          fixes: Fixes = CONFIG_FIXES) -> dict[str, Any]:
+  """Raises LayoutMismatch on any difference; returns the reference entry.
+
+  spec (the model's ResNetSpec) lets a mismatch name its likely cause;
+  fixes words the way out for where the check runs (config or CLI).
+  """
+  entry_name = reference_model or layout.model
+  try:
+    entry = references.lookup(reference_name, entry_name,
+                              layout.input_shape[1])
+  except references.MissingEntry as e:
+    close = (named_variants(e.model, e.entries) or
+             difflib.get_close_matches(e.model, e.entries, n=2, cutoff=0.6))
+    closest = (f' (closest: {", ".join(close)})' if close else '')
+    raise references.MissingEntry(
+        e.name, e.model, e.entries,
+        f'Name one with {fixes.entry.format("NAME")}{closest}, pick another '
+        f'reference ({fixes.reference.format("NAME")}), or {fixes.skip} to '
+        'skip the check.') from None
+  found = differences(layout, entry, reference_name)
+  if found:
+    causes, matching = explain(layout, spec, entry_name, entry,
+                               reference_name, found)
+    raise LayoutMismatch(layout.model, reference_name, found, fixes, causes,
+                         matching)
   return entry
 
 
@@ -342,12 +395,12 @@ def notes(layout: Layout) -> list[str]:
         row.in_size == row.out_size and row.in_channels != row.out_channels:
       pooled = 'maxpool' in layout.stem
       why = (f"the stem's max-pool has already halved the size to "
-             f'{_fmt(row.in_size)} (after its strided conv)' if pooled else
-             f'the stem keeps the size at {_fmt(row.in_size)}')
+             f'{format_value(row.in_size)} (after its strided conv)' if pooled else
+             f'the stem keeps the size at {format_value(row.in_size)}')
       if row.stage > 1:
         # Keras ResNetV2: the previous stage strided in its last block.
         why = (f'the last block of stage {row.stage - 1} has already '
-               f'strided to {_fmt(row.in_size)}')
+               f'strided to {format_value(row.in_size)}')
       out.append(
           f'{where}: the projection is a 1x1 with stride 1 ({row.in_channels}'
           f'->{row.out_channels}): the bottleneck widens the channels, so the '
@@ -366,7 +419,7 @@ def notes(layout: Layout) -> list[str]:
     elif row.shortcut in ('projection', 'avgpool+projection'):
       out.append(
           f'{where}: {row.shortcut_text()} ({row.in_channels}->'
-          f'{row.out_channels}, {_fmt(row.in_size)}->{_fmt(row.out_size)}); '
+          f'{row.out_channels}, {format_value(row.in_size)}->{format_value(row.out_size)}); '
           f'the main path strides on {row.stride_conv} ({row.stride_at}).')
   return out
 
@@ -446,6 +499,23 @@ def _image_size(text: str) -> int:
   return value
 
 
+def _stand_in_entry(model: str, reference: str) -> Optional[str]:
+  """For the CLI: the entry to compare with when the table lacks `model`.
+
+  `--reference gluon_v1` on resnet50 means Gluon's resnet50, which the table
+  holds as resnet50_v1; the choice is printed. Training never guesses.
+  """
+  entries = references.load(reference)['models']
+  variants = named_variants(model, entries)
+  if model in entries or not variants:
+    return None
+  others = (f'; the others: {", ".join(variants[1:])} (--reference-model '
+            'NAME)' if len(variants) > 1 else '')
+  print(f'\nreference {reference} has no entry {model}: comparing with '
+        f'{variants[0]}{others}')
+  return variants[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m flax_resnet.layout',
@@ -457,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--reference', default='default',
                       help='torchvision, timm, gluon_v1, gluon_v2, keras, '
                       "keras_v2, paper, or 'none'. Default: the preset's own.")
-  parser.add_argument('--reference-model', default=None,
+  parser.add_argument('--reference-model', '--reference_model', default=None,
                       help='entry in the reference table (default: the model)')
   parser.add_argument('--size', type=_image_size, default=None,
                       help='input height/width (default 224, CIFAR nets 32)')
@@ -473,7 +543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reference = None
   elif reference == 'default':
     reference = create_model(args.model, **overrides).spec.reference
-  print(f'{args.model}  input {_fmt(layout.input_shape[1:])}')
+  print(f'{args.model}  input {format_value(layout.input_shape[1:])}')
   print(format_table(layout))
   print()
   for line in notes(layout) + spec_notes(
@@ -482,12 +552,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if reference in (None, 'none'):
     print('\nreference: none (no check)')
     return 0
+  reference_model = args.reference_model
   try:
-    entry = check(layout, reference, args.reference_model)
+    if reference_model is None:
+      reference_model = _stand_in_entry(args.model, reference)
+    entry = check(layout, reference, reference_model,
+                  spec=create_model(args.model, **overrides).spec,
+                  fixes=CLI_FIXES)
   except LayoutMismatch as e:
-    print(f'\nreference {reference}: MISMATCH')
-    for problem in e.problems:
-      print(f'  - {problem}')
+    entry = (f' (entry {reference_model})'
+             if reference_model not in (None, args.model) else '')
+    print(f'\nreference {reference}{entry}: MISMATCH in '
+          f'{len(e.differences)} place(s)')
+    for line in e.lines:
+      print(f'  {line}')
+    print(e.fix)
     return 1
   except (KeyError, ValueError) as e:
     print(f'\nerror: {e}', file=sys.stderr)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from typing import Iterable, Optional
@@ -75,6 +76,23 @@ def compile_library(source: str, path: str, compile_flags: Iterable[str],
   return path
 
 
+def _home_relative(path: str) -> str:
+  home = os.path.expanduser('~')
+  return '~' + path[len(home):] if path.startswith(home + os.sep) else path
+
+
+def _announce(text: str) -> None:
+  """One line on stderr: through logging where it shows INFO, else printed.
+
+  A first use compiles for seconds; without a word that looks like a hang,
+  also to a library user who configured no logging.
+  """
+  if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+    log.info(text)
+  else:
+    print(f'flax_resnet: {text}', file=sys.stderr, flush=True)
+
+
 class LazyLibrary:
   """An extension loaded on first use: built if needed, or one warning line.
 
@@ -104,6 +122,8 @@ class LazyLibrary:
       try:
         path = self._path()
         if not os.path.exists(path):
+          _announce(f'building the {self._what} extension (once; cached in '
+                    f'{_home_relative(os.path.dirname(path))})')
           self._build(path)
         library = ctypes.CDLL(path)
         self._setup(library)

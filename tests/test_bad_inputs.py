@@ -141,10 +141,10 @@ def test_config_field_errors_name_the_field_and_fix(fields, needles):
 @pytest.mark.parametrize('fields, needles', [
     ({'reference': 'paper', 'reference_model': 'resnet21'},
      ["reference 'paper' has no entry for model 'resnet21'", 'resnet20',
-      'set reference=None']),
+      'set config.reference=None']),
     ({'reference': 'torchvision'},
      ["reference 'torchvision' has no entry for model 'resnet20'",
-      'resnet50', 'set reference=None']),
+      'resnet50', 'set config.reference=None']),
 ], ids=['reference_model', 'reference'])
 def test_layout_reference_without_the_model_fails_before_training(
     fields, needles, tmp_path):
@@ -455,3 +455,37 @@ def test_init_from_state_dict_with_another_head_names_skip_head(tmp_path):
   assert 'fc.weight: got (7, 64), expected (10, 64)' in message
   assert 'config.init_from_skip_head=True' in message
   assert_nothing_written(tmp_path / 'run')
+
+
+def test_layout_mismatch_in_training_is_grouped_and_names_config_fields(
+    tmp_path):
+  """Was one flat list ending 'set reference=None' (no field to set)."""
+  config = fault_config(reference='paper', **{
+      'model_overrides.shortcut': 'B', 'model_overrides.depths': (3, 3, 3)})
+  with pytest.raises(ValueError) as e:
+    loop.train_and_evaluate(config, str(tmp_path))
+  lines = str(e.value).splitlines()
+  assert lines[1:3] == [
+      '  strides, shortcuts and shapes:',
+      '    stage 2 block 0: shortcut           projection here vs zero-pad in '
+      'paper']
+  assert ('    stage 2 block 0: parameters  14,528 here vs  13,952 in paper  '
+          "(-576: shortcut 'A')") in lines
+  assert lines[-2] == (
+      "The preset resnet20 matches paper; this model differs from it in: "
+      "shortcut 'A' (here shortcut 'B'). Try config.model=resnet20 and no "
+      'model_overrides.')
+  assert lines[-1].endswith('or set config.reference=None to skip the '
+                            'reference check.')
+  assert_nothing_written(tmp_path)
+
+
+def test_unknown_dataset_error_names_every_kind_of_dataset(tmp_path):
+  """The error listed synthetic and sklearn_digits but not folder:ROOT."""
+  with pytest.raises(data_lib.DatasetNotFoundError) as e:
+    data_lib.dataset_info(fault_config(dataset='my_photos',
+                                       data_dir=str(tmp_path)))
+  text = str(e.value)
+  assert "config.dataset='my_photos' is not a TFDS dataset" in text
+  for kind in ("'folder:ROOT'", "'synthetic'", "'sklearn_digits'"):
+    assert kind in text, text

@@ -117,3 +117,91 @@ def test_worker_processes_leave_no_shared_memory_behind(tmp_path):
   assert '== completed at step 24/24' in result.stdout
   assert 'leaked' not in result.stderr and 'resource_tracker' not in (
       result.stderr), result.stderr[-3000:]
+
+
+def train_help(*args):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, 'train.py', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_help_exits_0_and_shows_the_config_a_bare_run_trains():
+  """Was exit 1 with the schema's ImageNet/resnet50 defaults."""
+  out = train_help('--help')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert ('Config fields as a run with configs/quickstart.py sets them '
+          '(change one with --config.FIELD=VALUE):') in out.stdout
+  assert "  model = 'resnet20'\n" in out.stdout
+  assert "  dataset = 'sklearn_digits'\n" in out.stdout
+  assert "'folder:ROOT' (your images, ROOT/train/CLASS/*.jpg)" in out.stdout
+  assert '--workdir: Where checkpoints and metrics go' in out.stdout
+
+
+def test_help_shows_the_given_config_and_overrides_wherever_it_stands():
+  out = train_help('-h', '--config', 'configs/resnet50.py',
+                   '--config.batch_size=128',
+                   '--config.model_overrides.shortcut=C')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'a run with configs/resnet50.py sets them' in out.stdout
+  assert "  model = 'resnet50'\n" in out.stdout
+  assert '  batch_size = 128\n' in out.stdout
+  assert "  model_overrides.shortcut = 'C'\n" in out.stdout
+  # A mistake in the flags is still one error line, help or not.
+  out = train_help('--help', '--config.batch_sise=1')
+  assert out.returncode == 1 and out.stderr.startswith('error: ')
+
+
+def test_finished_workdir_message_names_final_and_best_eval(tmp_path):
+  from flax_resnet.train import finished  # pylint: disable=g-import-not-at-top
+  import configs.quickstart  # pylint: disable=g-import-not-at-top
+  records = [{'step': 10, 'train_loss': 0.5},
+             {'step': 10, 'eval_top1': 0.97, 'eval_top5': 1.0,
+              'eval_loss': 0.11},
+             {'step': 20, 'eval_top1': 0.95, 'eval_top5': 0.99,
+              'eval_loss': 0.15}]
+  (tmp_path / 'metrics.jsonl').write_text(
+      ''.join(__import__('json').dumps(r) + '\n' for r in records) +
+      '{"step": 2')  # a record cut short is skipped
+  for step in (10, 18, 20):
+    (tmp_path / 'checkpoints' / str(step)).mkdir(parents=True)
+  config = configs.quickstart.get_config()
+  assert finished.message(config, str(tmp_path), tmp_path / 'checkpoints',
+                          19, 20) is None  # steps left: the usual summary
+  text = finished.message(config, str(tmp_path), tmp_path / 'checkpoints',
+                          20, 15)
+  assert text.splitlines()[1:] == [
+      f'== already completed: {tmp_path} was trained to step 20 (more than '
+      'the 15 this config asks for) by an earlier run; nothing left to train '
+      '==',
+      'final eval: top1=0.9500 top5=0.9900 loss=0.1500 (step 20)',
+      'best eval:  top1=0.9700 top5=1.0000 loss=0.1100 (step 10)',
+      f'checkpoints: {tmp_path / "checkpoints"} (steps 10, 18, 20)',
+      'To train longer, rerun with a larger --config.num_epochs (it resumes '
+      'from step 20); to start over, pass another --workdir; to score the '
+      f'weights: python -m flax_resnet.evaluate --weights {tmp_path}']
+
+
+def test_an_extension_build_is_announced_once_and_a_cached_one_not(
+    tmp_path, capsys):
+  """The first run was silent for seconds while g++ built the extensions."""
+  from flax_resnet import native  # pylint: disable=g-import-not-at-top
+  built = []
+
+  def build(path):
+    built.append(path)
+    with open(path, 'wb') as f:
+      f.write(b'not a shared library')  # loading it fails: one warning
+
+  def extension():
+    return native.LazyLibrary('test widget', 'FLAX_RESNET_TEST_WIDGET',
+                              'doing without', lambda: str(tmp_path / 'w.so'),
+                              build, lambda library: None)
+
+  assert extension().load() is None
+  err = capsys.readouterr().err
+  assert (f'flax_resnet: building the test widget extension (once; cached in '
+          f'{tmp_path})') in err
+  assert len(built) == 1
+  assert extension().load() is None  # the file is there now: no build
+  assert 'building' not in capsys.readouterr().err and len(built) == 1

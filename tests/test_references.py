@@ -297,16 +297,65 @@ def test_cli_resnet20_zero_pad_shortcuts_have_no_parameters(capsys):
 def test_cli_reports_a_mismatch_in_words(capsys):
   assert layout.main(['resnet50', 'stride_in=1x1']) == 1
   out = capsys.readouterr().out
-  assert 'reference torchvision: MISMATCH' in out
-  assert ("stage 2 block 0: strided conv is '1x1' here but '3x3' in "
-          'torchvision') in out
+  assert 'reference torchvision: MISMATCH in 3 place(s)' in out
+  assert ('    stage 2 block 0: strided conv 1x1 here vs 3x3 in torchvision'
+          in out)
+  # The way out names this CLI's flags, not the config's fields.
+  assert ("this model differs from it in: stride_in '3x3' (here stride_in "
+          "'1x1')") in out
+  assert 'pass --reference none to skip' in out and 'reference=None' not in out
+
+
+def test_cli_mismatch_groups_strides_first_then_aligned_counts_with_cause(
+    capsys):
+  """Was 19 lines of 'parameters is 75008 here but 75328', strides among them."""
+  assert layout.main(['resnet50', '--reference', 'gluon_v1',
+                      '--reference-model', 'gluon_resnet50_v1']) == 1
+  out = capsys.readouterr().out
+  lines = out[out.index('MISMATCH'):].splitlines()
+  assert lines[0] == 'MISMATCH in 20 place(s)'
+  assert lines[1] == '  strides, shortcuts and shapes:'
+  assert lines[2:5] == [f'    stage {s} block 0: strided conv 3x3 here vs '
+                        '1x1 in gluon_v1' for s in (2, 3, 4)]
+  assert lines[5] == '  parameter counts:'
+  counts = lines[6:23]
+  assert counts[0] == (
+      '    stage 1 block 0: parameters     75,008 here vs     75,328 in '
+      'gluon_v1  (+320: conv biases on conv1, conv3)')
+  assert counts[-1] == (
+      '    total:           parameters 25,557,032 here vs 25,575,912 in '
+      'gluon_v1  (+18,880: conv biases on conv1, conv3)')
+  assert len({line.index(' here vs ') for line in counts}) == 1  # aligned
+  assert lines[23].startswith('The preset gluon_resnet50_v1 matches gluon_v1')
+
+
+def test_cli_reference_without_the_model_compares_its_named_variant(capsys):
+  """Was exit 2 and 'set reference=None' (a config field, not a flag)."""
+  assert layout.main(['resnet50', '--reference', 'gluon_v1']) == 1
+  out = capsys.readouterr().out
+  assert ('reference gluon_v1 has no entry resnet50: comparing with '
+          'resnet50_v1; the others: gluon_resnet50_v1 (--reference-model '
+          'NAME)') in out
+  assert 'reference gluon_v1 (entry resnet50_v1): MISMATCH in 3 place(s)' in out
+
+
+def test_cli_missing_entry_names_the_cli_flag_and_the_closest_entries(capsys):
+  assert layout.main(['resnet20', '--reference', 'torchvision']) == 2
+  err = capsys.readouterr().err
+  assert ("Name one with --reference-model NAME (closest: resnet50, "
+          'resnet152)') in err
+  assert 'pass --reference none to skip' in err
+  assert 'reference=None' not in err
+  # The underscore spelling of the flag is taken too.
+  assert layout.main(['resnet50', '--reference', 'gluon_v1',
+                      '--reference_model', 'resnet50_v1']) == 1
 
 
 def test_cli_keras_v2_mismatch_and_keras_match(capsys):
   assert layout.main(['resnet50_v2', '--reference', 'keras_v2',
                       '--reference-model', 'keras_resnet50_v2']) == 1
-  assert "stage 2 block 3: strided conv is 'none' here but '3x3'" in \
-      capsys.readouterr().out
+  assert ('    stage 2 block 3: strided conv    none     here vs 3x3       '
+          'in keras_v2') in capsys.readouterr().out
   assert layout.main(['resnet50_v1', '--reference', 'keras']) == 0
   out = capsys.readouterr().out
   assert 'reference keras: MATCH' in out

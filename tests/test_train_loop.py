@@ -175,3 +175,24 @@ def test_class_count_does_not_hide_a_real_difference():
   spec = config_check.model_spec(config)
   with pytest.raises(layout_lib.LayoutMismatch, match='stage 2 block 0'):
     loop.check_layout(config, spec, is_lead=False)
+
+
+def test_rerun_in_a_finished_workdir_reports_its_eval_and_the_ways_on(
+    full_run, capsys):
+  """Was '== completed at step 12/12 in 1.2 s ==' and nothing else."""
+  workdir, config, _ = full_run
+  capsys.readouterr()
+  again = loop.train_and_evaluate(config, str(workdir))
+  assert again.status == 'completed' and again.step == 12
+  out = capsys.readouterr().out
+  final = [r for r in read_metrics(workdir) if 'eval_top1' in r][-1]
+  assert final['step'] == 12
+  assert (f'== already completed: {workdir} was trained to step 12 by an '
+          'earlier run; nothing left to train ==') in out
+  assert (f'final eval: top1={final["eval_top1"]:.4f} '
+          f'top5={final["eval_top5"]:.4f} loss={final["eval_loss"]:.4f} '
+          '(step 12)') in out
+  assert f'checkpoints: {workdir / "checkpoints"} (steps ' in out
+  assert 'rerun with a larger --config.num_train_steps' in out
+  assert f'python -m flax_resnet.evaluate --weights {workdir}' in out
+  assert 'in 0.' not in out and '== completed' not in out

@@ -212,6 +212,7 @@ def _prepared_builder(name: str, data_dir: str | None):
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotFoundError(
         f'config.dataset={name!r} is not a TFDS dataset. Use '
+        f"'{image_folder.PREFIX}ROOT' (your images, ROOT/train/CLASS/*.jpg), "
         f"{SYNTHETIC!r}, {digits.NAME!r} (offline) or a name from "
         '`tfds.list_builders()`, e.g. cifar10 or imagenet2012.') from e
   if not builder.is_prepared() and builder.name in LOCAL_DATASETS:

@@ -18,6 +18,17 @@ NAMES = ('torchvision', 'timm', 'gluon_v1', 'gluon_v2', 'keras', 'keras_v2',
          'paper')
 
 
+class MissingEntry(ValueError):
+  """Reference `name` has no entry `model`; `.entries` lists those it has."""
+
+  def __init__(self, name: str, model: str, entries: list[str],
+               fix: str = 'Pick another reference or set reference=None.'):
+    self.name, self.model, self.entries = name, model, entries
+    super().__init__(
+        f'reference {name!r} has no entry for model {model!r}; it covers '
+        f'{", ".join(entries)}. {fix}')
+
+
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> dict[str, Any]:
   """The whole table of reference `name`."""
@@ -39,10 +50,7 @@ def lookup(name: str, model: str, input_size: int) -> dict[str, Any]:
   table = load(name)
   models = table['models']
   if model not in models:
-    raise ValueError(
-        f'reference {name!r} has no entry for model {model!r}; it covers '
-        f'{", ".join(sorted(models))}. Pick another reference or set '
-        'reference=None.')
+    raise MissingEntry(name, model, sorted(models))
   entry = models[model]
   if entry['input_size'] != input_size:
     raise ValueError(

@@ -89,8 +89,8 @@ FIELDS: tuple[Field, ...] = (
           nullable=True),
     # Data.
     Field('dataset', 'imagenet2012', STR,
-          "any TFDS image-classification dataset, 'sklearn_digits' or "
-          "'synthetic'"),
+          "any TFDS image-classification dataset, 'folder:ROOT' (your "
+          "images, ROOT/train/CLASS/*.jpg), 'sklearn_digits' or 'synthetic'"),
     Field('data_dir', None, STR, 'TFDS data folder (None: TFDS default)',
           nullable=True),
     Field('train_split', 'train', STR, 'TFDS split to train on'),
@@ -233,12 +233,23 @@ def _rule(field: Field) -> str:
   return ' '.join(parts)
 
 
-def schema_help() -> str:
-  """Every field: name, default, rule and meaning (for train.py --help)."""
-  lines = ['Config fields (--config.FIELD=VALUE; flax_resnet/train/config.py):']
+def schema_help(config: Optional[ml_collections.ConfigDict] = None,
+                source: str = '') -> str:
+  """Every field: name, value, rule and meaning (for train.py --help).
+
+  The value is `config`'s (loaded from the file `source`, with the command
+  line's overrides: what a run would use), else the schema default.
+  """
+  lines = [f'Config fields as a run with {source} sets them '
+           '(change one with --config.FIELD=VALUE):' if config is not None
+           else 'Config fields and their defaults (--config.FIELD=VALUE):']
   for field in FIELDS:
-    lines.append(f'  {field.name} = {field.default!r}')
+    value = field.default if config is None else config[field.name]
+    lines.append(f'  {field.name} = {value!r}')
     lines.append(f'      {field.meaning}; {_rule(field)}.')
+  overrides = {} if config is None else config.model_overrides
+  lines.extend(f'  model_overrides.{name} = {value!r}'
+               for name, value in overrides.items() if value is not None)
   lines.append('  model_overrides.FIELD = None')
   lines.append('      any ResNetSpec field (' + ', '.join(_SPEC_OVERRIDES) +
                '); None keeps the preset\'s value.')

@@ -25,6 +25,7 @@ from flax_resnet import zoo
 from flax_resnet.model import ResNet
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config_check
+from flax_resnet.train import finished
 from flax_resnet.train import metrics as metrics_lib
 from flax_resnet.train import optim
 from flax_resnet.train import parallel
@@ -116,7 +117,7 @@ def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
     checked = layout_lib.derive_layout(
         ResNet(dataclasses.replace(spec, num_classes=ref_classes)),
         (1, ref_size, ref_size, 3), config.model)
-  layout_lib.check(checked, ref, entry_name)
+  layout_lib.check(checked, ref, entry_name, spec=spec)
   if is_lead:
     head_note = ('' if ref_classes == spec.num_classes else
                  f'; head compared at the reference\'s {ref_classes} classes, '
@@ -489,7 +490,8 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
                      train_metrics=last_train,
                      seconds=time.time() - started, workdir=str(workdir_path))
   if is_lead:
-    print(summary(result, total_steps))
+    print(finished.message(config, workdir, ckpt.directory, start_step,
+                           total_steps) or summary(result, total_steps))
   return result
 
 
