@@ -621,6 +621,18 @@ def test_a_cached_page_names_its_path_and_deleting_it_recovers(
   assert_same_variables(loaded, variables)
 
 
+def test_weights_of_another_preset_from_a_url_name_the_cached_file(
+    server, weights_file):
+  data, _ = weights_file
+  url = server.serve('/models/r20.safetensors', data)
+  with pytest.raises(convert.StateDictMismatch) as e:
+    flax_resnet.load_pretrained('resnet32', url, progress=False)
+  message = str(e.value)
+  assert message.startswith(f'{pretrained.cache_path(url)}: 60 missing key(s)')
+  assert ('depths (3, 3, 3), but the model has basic blocks with depths '
+          '(5, 5, 5)') in message
+
+
 def _zip_of(**members):
   buffer = io.BytesIO()
   with zipfile.ZipFile(buffer, 'w') as zf:

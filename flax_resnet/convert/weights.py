@@ -17,7 +17,7 @@ from flax_resnet.convert import huggingface
 from flax_resnet.convert import keras
 from flax_resnet.convert import mxnet
 from flax_resnet.convert import pytorch
-from flax_resnet.convert.keymap import ModelLike
+from flax_resnet.convert.keymap import ModelLike, StateDictMismatch
 
 Source = Union[Mapping[str, Any], str, os.PathLike]
 
@@ -142,13 +142,20 @@ def load_weights(source: Source, model: ModelLike, *, strict: bool = True,
   kw = dict(strict=strict, skip_head=skip_head, base=base, rng=rng,
             **overrides)
   label = naming(arrays)
-  if label == 'keras':
-    variables = keras.keras_to_flax(arrays, model, **kw)
-  elif label == 'gluon':
-    variables = mxnet.gluon_to_flax(arrays, model, **kw)
-  else:
-    if label == 'huggingface':
-      arrays = huggingface.hf_to_torchvision_keys(arrays)
-    variables = pytorch.torch_to_flax(arrays, model, **kw)
+  try:
+    if label == 'keras':
+      variables = keras.keras_to_flax(arrays, model, **kw)
+    elif label == 'gluon':
+      variables = mxnet.gluon_to_flax(arrays, model, **kw)
+    else:
+      if label == 'huggingface':
+        arrays = huggingface.hf_to_torchvision_keys(arrays)
+      variables = pytorch.torch_to_flax(arrays, model, **kw)
+  except StateDictMismatch as e:
+    if where == 'the state_dict':
+      raise
+    # Which file: it may be a download, cached under a name of its URL.
+    raise StateDictMismatch(f'{where}: {e}', e.missing, e.unexpected,
+                            e.mismatched, e.head_only) from None
   _check_numbers(arrays, variables, where)
   return variables

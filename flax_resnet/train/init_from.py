@@ -84,8 +84,9 @@ def _read_folder(folder: pathlib.Path) -> tuple[Any, str]:
     return _restore_item(folder), str(folder)
   if _is_orbax_item(folder / 'state'):  # one step of a training run
     return _restore_item(folder / 'state'), f'{folder}/state'
-  ckpt_dir = folder / 'checkpoints' if (folder / 'checkpoints').is_dir() \
-      else folder
+  ckpt_dir = folder / 'checkpoints'
+  if not ckpt_dir.is_dir():
+    ckpt_dir = folder  # the checkpoints folder itself
   mgr = checkpoint_lib.Checkpointer(ckpt_dir, keep=1000, keep_best=False)
   try:
     restored, step = mgr.restore_newest_readable()
@@ -117,7 +118,7 @@ def _read_file(path: str, config, spec, downloaded_from: Optional[str]):
     raise _error(
         f'{path} does not fit model {config.model!r} '
         '(config.init_from_skip_head=True loads all but the classifier):\n'
-        f'{e}') from e
+        f'{str(e).removeprefix(f"{path}: ")}') from e
   except convert.NonFiniteWeights as e:
     raise _error(f'{e}{cached}') from None
   except Exception as e:  # pylint: disable=broad-except
