@@ -128,6 +128,17 @@ def test_load_weights_refuses_nonfinite_values_naming_tensor_and_file(
   assert isinstance(e.value, ValueError)
 
 
+def test_the_convert_cli_refuses_nonfinite_weights_and_writes_nothing(
+    spec, variables, tmp_path, capsys):
+  source = _write('safetensors', state_dict_with(spec, variables, np.inf),
+                  spec, tmp_path)
+  assert convert.main(['resnet20', str(source), str(tmp_path / 'out'),
+                       'depths=(1,1,1)']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {source}: tensor '{BAD_TENSOR}' ")
+  assert err.count('\n') == 1 and not (tmp_path / 'out').exists()
+
+
 def test_a_negative_batch_norm_variance_is_refused(spec, variables, tmp_path):
   source = _write('safetensors', state_dict_with(
       spec, variables, -0.5, name='layer3.0.bn2.running_var'), spec, tmp_path)

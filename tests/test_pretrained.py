@@ -547,7 +547,7 @@ def test_a_page_served_as_200_without_a_checksum_is_refused_not_cached(
     with pytest.raises(DownloadError) as e:
       pretrained.fetch(url, progress=False)
     message = str(e.value)
-    assert message.startswith(f'cannot download {url}: the server sent ')
+    assert message.startswith(f"cannot download {url}: the server's answer is ")
     assert described in message, message
     assert 'nothing was kept' in message
     assert str(pretrained.cache_path(url)) in message
@@ -582,8 +582,8 @@ def test_a_page_where_a_checksummed_file_should_be_is_named(server, cache):
                      headers={'Content-Type': 'text/html'})
   with pytest.raises(ChecksumMismatch) as e:
     pretrained.fetch(url, checksum='0123abcd', progress=False)
-  assert "the server sent an HTML page titled 'Sign in - Example'" in str(
-      e.value)
+  assert ("the server's answer is an HTML page titled 'Sign in - Example'"
+          in str(e.value))
   assert files_under(cache) == []
 
 
@@ -612,8 +612,9 @@ def test_a_cached_page_names_its_path_and_deleting_it_recovers(
   with pytest.raises(pretrained.download.CachedFileDamaged) as e:
     flax_resnet.load_pretrained(PRESET, url, progress=False)
   message = str(e.value)
-  assert message.startswith(f'the cached file {dest} (from {url}) is not a '
-                            'weights file: ')
+  assert message.startswith(f'the cached file {dest} (from {url}) is an HTML '
+                            "page titled 'Sign in - Example'")
+  assert ', not a weights file. ' in message
   assert message.endswith('Delete it to download again.')
   assert server.requests == []
   dest.unlink()  # as the message says
@@ -650,7 +651,8 @@ _PARAMS = b'\x12\x01\x00\x00\x00\x00\x00\x00' + bytes(16)
      'other-0123abcd.params)'),
     (_zip_of(), 'the archive holds no resnet9_v1-0123abcd.params (it holds '
      'no files)'),
-    (_LOGIN_PAGE, "the server sent an HTML page titled 'Sign in - Example'"),
+    (_LOGIN_PAGE,
+     "the server's answer is an HTML page titled 'Sign in - Example'"),
 ])
 def test_a_zip_without_its_member_keeps_nothing(server, cache, body, expected):
   url = server.serve('/gluon/resnet9_v1-0123abcd.zip', body)

@@ -230,14 +230,18 @@ def _describe_page(path: pathlib.Path, content_type: str) -> Optional[str]:
   return f'{what} ({content_type or "no Content-Type"}) starting {start!r}'
 
 
-def _not_weights(path: pathlib.Path, content_type: str) -> Optional[str]:
-  """Why a downloaded file is not a weights file, or None if it is one."""
+def _not_weights(path: pathlib.Path, content_type: str,
+                 name: str) -> Optional[str]:
+  """'NAME is ...': why `path` is not a weights file, or None if it is one."""
   try:
     files.sniff(path)
     return None
   except ValueError as e:
-    return (_describe_page(path, content_type) or
-            str(e).replace(str(path), 'the file'))
+    page = _describe_page(path, content_type)
+    if page:
+      return f'{name} is {page}, not a weights file'
+    return str(e).replace(f'weights file {path}', name).replace(str(path),
+                                                                 name)
 
 
 def _extract(archive: pathlib.Path, member: str,
@@ -280,11 +284,10 @@ def _cached(dest: pathlib.Path, url: str, checksum: Optional[str]
           f'{e}. It is not the file {url} should give; delete it to download '
           'again, or pass the checksum of the file you mean.') from None
     return dest
-  problem = _not_weights(dest, '')
+  problem = _not_weights(dest, '', f'the cached file {dest} (from {url})')
   if problem:
     raise CachedFileDamaged(
-        f'the cached file {dest} (from {url}) is not a weights file: '
-        f'{problem}. Delete it to download again.')
+        f'{problem.rstrip(".")}. Delete it to download again.')
   return dest
 
 
@@ -339,15 +342,16 @@ def fetch(url: str, *, checksum: Optional[str] = None,
         kept = _extract(received.path, member, dest.parent)
       except zipfile.BadZipFile:
         page = _describe_page(received.path, received.content_type)
-        raise _Refused(f'the server sent {page or "a damaged file"}, not a '
+        raise _Refused(f'the server\'s answer is {page or "damaged"}, not a '
                        '.zip archive') from None
       finally:
         received.path.unlink(missing_ok=True)
     if checksum:
       verify(kept, checksum, f'the download from {url}' +
              (f' ({member})' if member else ''))
-    elif problem := _not_weights(kept, received.content_type):
-      raise _Refused(f'the server sent {problem}, not a weights file')
+    elif problem := _not_weights(kept, received.content_type,
+                                 'the server\'s answer'):
+      raise _Refused(problem.rstrip('.'))
   except _Refused as e:
     kept.unlink(missing_ok=True)
     raise DownloadError(
@@ -356,7 +360,7 @@ def fetch(url: str, *, checksum: Optional[str] = None,
   except ChecksumMismatch as e:
     page = _describe_page(kept, received.content_type) if not member else None
     kept.unlink(missing_ok=True)
-    cause = (f'the server sent {page}{redirect}' if page else
+    cause = (f'the server\'s answer is {page}{redirect}' if page else
              'a corrupted transfer or a changed file')
     raise ChecksumMismatch(
         f'{e}; nothing was kept ({cause}). Run again; if it persists, the '

@@ -80,10 +80,10 @@ def _restore_item(folder: pathlib.Path):
 
 def _read_folder(folder: pathlib.Path) -> tuple[Any, str]:
   """(the restored tree, where it came from) of any folder init_from takes."""
-  if _is_orbax_item(folder):  # python -m flax_resnet.convert's output
-    return _restore_item(folder), str(folder)
-  if _is_orbax_item(folder / 'state'):  # one step of a training run
-    return _restore_item(folder / 'state'), f'{folder}/state'
+  for item in (folder, folder / 'state'):  # convert's output; a run's step
+    if _is_orbax_item(item):
+      log.info('initial weights from the checkpoint in %s', item)
+      return _restore_item(item), str(item)
   ckpt_dir = folder / 'checkpoints'
   if not ckpt_dir.is_dir():
     ckpt_dir = folder  # the checkpoints folder itself
@@ -172,6 +172,7 @@ def load_init_weights(config, spec, state):
   else:
     where = path
     variables = _read_file(path, config, spec, downloaded_from)
+    log.info('initial weights from %s', path)
   params = dict(variables['params'])
   if config.init_from_skip_head:
     params['fc'] = state.params['fc']
