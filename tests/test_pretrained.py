@@ -22,7 +22,7 @@ import flax_resnet
 from flax_resnet import convert, pretrained
 from flax_resnet.pretrained import ChecksumMismatch, DownloadError, Weights
 from flax_resnet.references import torchvision_source
-from flax_resnet.train import config_check, loop
+from flax_resnet.train import config_check, init_from
 from fault_config import get_config as fault_config_base
 from flax_resnet.zoo import PRESETS
 
@@ -33,17 +33,21 @@ PRESET = 'resnet20'
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  """Serves server.files[path] = (body, how); how is 'ok' or 'truncate'
-  (announces the full Content-Length, sends half, closes)."""
+  """Serves server.files[path] = (body, how, status, headers); how is 'ok',
+  'truncate' (announces the full Content-Length, sends half, closes) or
+  'no-length' (no Content-Length: the body ends when the connection closes)."""
 
   def do_GET(self):  # pylint: disable=invalid-name
     self.server.requests.append(self.path)
     if self.path not in self.server.files:
       self.send_error(404)
       return
-    body, how = self.server.files[self.path]
-    self.send_response(200)
-    self.send_header('Content-Length', str(len(body)))
+    body, how, status, headers = self.server.files[self.path]
+    self.send_response(status)
+    for name, value in headers.items():
+      self.send_header(name, value)
+    if how != 'no-length':
+      self.send_header('Content-Length', str(len(body)))
     self.end_headers()
     if how == 'truncate':
       self.wfile.write(body[:len(body) // 2])
@@ -51,6 +55,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.close_connection = True
       return
     self.wfile.write(body)
+    if how == 'no-length':
+      self.close_connection = True
 
   def log_message(self, *args):
     pass
@@ -62,13 +68,14 @@ class LoopbackServer:
     self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
     self.httpd.files = {}
     self.httpd.requests = []
+    # A short poll interval: shutdown() waits up to one interval per test.
     self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                   daemon=True)
+                                   kwargs={'poll_interval': 0.02}, daemon=True)
     self.thread.start()
     self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
 
-  def serve(self, path, body, how='ok'):
-    self.httpd.files[path] = (body, how)
+  def serve(self, path, body, how='ok', status=200, headers=None):
+    self.httpd.files[path] = (body, how, status, headers or {})
     return self.url + path
 
   @property
@@ -432,19 +439,19 @@ def test_init_from_accepts_a_registry_tag_and_a_url(server, registered,
 
   for source in ('TEST_SMALL', url):
     config.init_from = source
-    new = loop._load_init_weights(config, spec, State(state))  # pylint: disable=protected-access
+    new = init_from.load_init_weights(config, spec, State(state))
     assert_same_variables({'params': new.params,
                            'batch_stats': new.batch_stats},
                           {'params': variables['params'],
                            'batch_stats': variables['batch_stats']})
   config.init_from = 'NO_SUCH_TAG'
   with pytest.raises(config_check.ConfigError) as e:
-    loop._load_init_weights(config, spec, State(state))  # pylint: disable=protected-access
+    init_from.load_init_weights(config, spec, State(state))
   assert 'does not exist; give a torchvision .pth/.safetensors' in str(e.value)
   assert 'TEST_SMALL' in str(e.value)
   config.init_from = f'http://127.0.0.1:{free_port()}/gone.pth'
   with pytest.raises(config_check.ConfigError) as e:
-    loop._load_init_weights(config, spec, State(state))  # pylint: disable=protected-access
+    init_from.load_init_weights(config, spec, State(state))
   assert str(e.value).startswith(f'config.init_from: cannot download '
                                  f'{config.init_from}')
 
@@ -550,3 +557,216 @@ def test_a_malformed_checksum_is_refused_before_any_transfer(server):
   with pytest.raises(ValueError, match='is not a hex digest'):
     pretrained.fetch(url, checksum='sha256:xyz', progress=False)
   assert server.requests == []
+
+
+# ------------------------------------------- hostile servers and cache files
+# Whatever a server sends that is not the weights file (an error page, a
+# login form after a redirect, a cut-off body, an archive without the file)
+# is refused with the URL and the cache path, and nothing is cached.
+
+_LOGIN_PAGE = (b'<!DOCTYPE html>\n<html><head><title>Sign in - Example</title>'
+               b'</head><body><form>password</form></body></html>')
+
+
+@pytest.mark.parametrize('body, headers, described', [
+    (_LOGIN_PAGE, {'Content-Type': 'text/html; charset=utf-8'},
+     "an HTML page titled 'Sign in - Example' (text/html; charset=utf-8)"),
+    (b'  <html><body>quota exceeded</body></html>', {}, 'an HTML page'),
+    (b'{"error": "Repository not found"}', {'Content-Type': 'application/json'},
+     'a JSON document (application/json)'),
+    (b'<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>',
+     {'Content-Type': 'application/xml'}, 'an XML document'),
+    (b'Bad gateway, try later', {'Content-Type': 'text/plain'},
+     'is not a weights file this reader knows'),
+    (b'', {}, 'empty (0 bytes)'),
+])
+def test_a_page_served_as_200_without_a_checksum_is_refused_not_cached(
+    server, cache, body, headers, described):
+  url = server.serve('/models/r20.safetensors', body, headers=headers)
+  for _ in range(2):  # the second try asks the server again: nothing cached
+    with pytest.raises(DownloadError) as e:
+      pretrained.fetch(url, progress=False)
+    message = str(e.value)
+    assert message.startswith(f"cannot download {url}: the server's answer is ")
+    assert described in message, message
+    assert 'nothing was kept' in message
+    assert str(pretrained.cache_path(url)) in message
+    assert files_under(cache) == []
+  assert len(server.requests) == 2
+
+
+def test_a_redirect_to_a_login_page_is_refused_and_named(server, cache):
+  login = server.serve('/login', _LOGIN_PAGE,
+                       headers={'Content-Type': 'text/html'})
+  url = server.serve('/models/r20.pth', b'', status=302,
+                     headers={'Location': '/login'})
+  with pytest.raises(DownloadError) as e:
+    flax_resnet.load_pretrained(PRESET, url, progress=False)
+  assert f'(redirected to {login})' in str(e.value)
+  assert "an HTML page titled 'Sign in - Example'" in str(e.value)
+  assert files_under(cache) == []
+
+
+@pytest.mark.parametrize('status', [403, 404, 500, 503])
+def test_an_http_error_status_is_never_cached(server, cache, status):
+  url = server.serve('/r20.pth', _LOGIN_PAGE, status=status,
+                     headers={'Content-Type': 'text/html'})
+  for checksum in (None, '0123abcd'):
+    with pytest.raises(DownloadError, match=f'HTTP {status}'):
+      pretrained.fetch(url, checksum=checksum, progress=False)
+  assert files_under(cache) == []
+
+
+def test_a_page_where_a_checksummed_file_should_be_is_named(server, cache):
+  url = server.serve('/r20.pth', _LOGIN_PAGE,
+                     headers={'Content-Type': 'text/html'})
+  with pytest.raises(ChecksumMismatch) as e:
+    pretrained.fetch(url, checksum='0123abcd', progress=False)
+  assert ("the server's answer is an HTML page titled 'Sign in - Example'"
+          in str(e.value))
+  assert files_under(cache) == []
+
+
+def test_a_body_cut_short_without_content_length_is_refused(server, cache,
+                                                            weights_file):
+  data, variables = weights_file
+  url = server.serve('/r20.safetensors', data[:len(data) * 2 // 3],
+                     how='no-length')
+  with pytest.raises(DownloadError) as e:
+    flax_resnet.load_pretrained(PRESET, url, progress=False)
+  assert 'truncated' in str(e.value) and 'nothing was kept' in str(e.value)
+  assert files_under(cache) == []
+  server.serve('/r20.safetensors', data, how='no-length')  # whole: accepted
+  _, loaded = flax_resnet.load_pretrained(PRESET, url, progress=False)
+  assert_same_variables(loaded, variables)
+
+
+def test_a_cached_page_names_its_path_and_deleting_it_recovers(
+    server, cache, weights_file):
+  """A page cached by hand or by an older version is refused at every use."""
+  data, variables = weights_file
+  url = server.serve('/r20.safetensors', data)
+  dest = pretrained.cache_path(url)
+  dest.parent.mkdir(parents=True)
+  dest.write_bytes(_LOGIN_PAGE)
+  with pytest.raises(pretrained.download.CachedFileDamaged) as e:
+    flax_resnet.load_pretrained(PRESET, url, progress=False)
+  message = str(e.value)
+  assert message.startswith(f'the cached file {dest} (from {url}) is an HTML '
+                            "page titled 'Sign in - Example'")
+  assert ', not a weights file. ' in message
+  assert message.endswith('Delete it to download again.')
+  assert server.requests == []
+  dest.unlink()  # as the message says
+  _, loaded = flax_resnet.load_pretrained(PRESET, url, progress=False)
+  assert_same_variables(loaded, variables)
+
+
+def test_weights_of_another_preset_from_a_url_name_the_cached_file(
+    server, weights_file):
+  data, _ = weights_file
+  url = server.serve('/models/r20.safetensors', data)
+  with pytest.raises(convert.StateDictMismatch) as e:
+    flax_resnet.load_pretrained('resnet32', url, progress=False)
+  message = str(e.value)
+  assert message.startswith(f'{pretrained.cache_path(url)}: 60 missing key(s)')
+  assert ('depths (3, 3, 3), but the model has basic blocks with depths '
+          '(5, 5, 5)') in message
+
+
+def _zip_of(**members):
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, 'w') as zf:
+    for name, body in members.items():
+      zf.writestr(name, body)
+  return buffer.getvalue()
+
+
+_PARAMS = b'\x12\x01\x00\x00\x00\x00\x00\x00' + bytes(16)
+
+
+@pytest.mark.parametrize('body, expected', [
+    (_zip_of(**{'other-0123abcd.params': _PARAMS}),
+     'the archive holds no resnet9_v1-0123abcd.params (it holds '
+     'other-0123abcd.params)'),
+    (_zip_of(), 'the archive holds no resnet9_v1-0123abcd.params (it holds '
+     'no files)'),
+    (_LOGIN_PAGE,
+     "the server's answer is an HTML page titled 'Sign in - Example'"),
+])
+def test_a_zip_without_its_member_keeps_nothing(server, cache, body, expected):
+  url = server.serve('/gluon/resnet9_v1-0123abcd.zip', body)
+  for checksum in (None, 'sha1:' + hashlib.sha1(_PARAMS).hexdigest()):
+    with pytest.raises(DownloadError) as e:
+      pretrained.fetch(url, checksum=checksum,
+                       member='resnet9_v1-0123abcd.params', progress=False)
+    assert expected in str(e.value), str(e.value)
+    assert 'nothing was kept' in str(e.value)
+    assert 'checksum is wrong' not in str(e.value)
+    assert files_under(cache) == []
+
+
+def test_urls_differing_only_in_their_query_get_their_own_files(
+    server, cache, weights_file):
+  """?id=1 and ?id=2 are two files; one cache name for both served the first
+  to every later request, whatever preset it held."""
+  data, _ = weights_file
+  other = bytearray(data)
+  other[-1] ^= 1
+  server.serve('/uc?id=1', data)
+  server.serve('/uc?id=2', bytes(other))
+  first = pretrained.fetch(server.url + '/uc?id=1', progress=False)
+  second = pretrained.fetch(server.url + '/uc?id=2', progress=False)
+  assert first != second and first.parent == second.parent
+  assert (first.read_bytes(), second.read_bytes()) == (data, bytes(other))
+  # Without a query the name stays what a user places by hand.
+  assert pretrained.cache_path('https://h/m/r.pth').name == 'r.pth'
+
+
+@pytest.mark.parametrize('url', ['https://example.com', 'https://example.com/',
+                                 'https://example.com/./'])
+def test_a_url_that_names_no_file(url, cache):
+  with pytest.raises(ValueError) as e:
+    pretrained.fetch(url, progress=False)
+  assert str(e.value) == (
+      f'url {url!r} names no file (its path is empty); give the URL of the '
+      'weights file itself, e.g. https://host/models/resnet50.pth.')
+
+
+def test_a_folder_at_the_cache_path_is_named(server, cache):
+  url = server.serve('/r20.pth', b'x')
+  pretrained.cache_path(url).mkdir(parents=True)
+  with pytest.raises(DownloadError, match='exists and is not a file; move it'):
+    pretrained.fetch(url, progress=False)
+  assert server.requests == []
+
+
+@pytest.mark.parametrize('checksum, field, problem', [
+    ('4', "sha256='4'", 'has 1 hex digit, too few'),
+    ('0123abc', "sha256='0123abc'", 'has 7 hex digits, too few'),
+    ('md5:0123abc', "checksum 'md5:0123abc'", 'has 7 hex digits, too few'),
+    ('sha256:' + '0' * 65, "checksum 'sha256:" + '0' * 65 + "'",
+     'has 65 hex digits, more than a sha256 digest'),
+    ('0123abcg', "sha256='0123abcg'", 'is not a hex digest'),
+    ('sha512:0123abcd', "checksum 'sha512:0123abcd'", 'is not a hex digest'),
+    ('', "sha256=''", 'is not a hex digest'),
+])
+def test_a_checksum_too_short_to_identify_a_file_is_refused(
+    server, checksum, field, problem):
+  url = server.serve('/x.pth', b'x')
+  with pytest.raises(ValueError) as e:
+    pretrained.fetch(url, checksum=checksum, progress=False)
+  assert str(e.value).startswith(f'{field} {problem}'), str(e.value)
+  assert '\n' not in str(e.value)
+  with pytest.raises(ValueError, match='hex digit'):
+    flax_resnet.load_pretrained(PRESET, url, sha256=checksum or '4',
+                                progress=False)
+  assert server.requests == []
+
+
+def test_a_checksum_of_eight_digits_any_case_is_enough(server, weights_file):
+  data, _ = weights_file
+  url = server.serve('/r20.safetensors', data)
+  path = pretrained.fetch(url, checksum='SHA256:' + sha256(data)[:8].upper(),
+                          progress=False)
+  assert path.read_bytes() == data

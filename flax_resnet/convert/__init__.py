@@ -34,10 +34,12 @@ from flax_resnet.convert.mxnet import (flax_to_gluon, gluon_key_map,
 from flax_resnet.convert.pytorch import (flax_to_torch, load_state_dict,
                                          save_safetensors, save_torch,
                                          torch_to_flax)
-from flax_resnet.convert.weights import load_weights, read_arrays
+from flax_resnet.convert.weights import (NonFiniteWeights, load_weights,
+                                         read_arrays)
 
 __all__ = [
-    'Entry', 'SourceEntry', 'StateDictMismatch', 'flax_to_gluon',
+    'Entry', 'NonFiniteWeights', 'SourceEntry', 'StateDictMismatch',
+    'flax_to_gluon',
     'flax_to_keras', 'flax_to_torch', 'gluon_key_map', 'gluon_to_flax',
     'hf_to_torchvision_keys', 'keras_key_map', 'keras_to_flax', 'key_map',
     'load_state_dict', 'load_weights', 'main', 'read_arrays', 'read_h5',

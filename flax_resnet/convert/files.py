@@ -7,6 +7,7 @@ here only look at bytes; nothing is unpickled or imported.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import struct
@@ -77,9 +78,30 @@ def sniff(source: PathLike) -> str:
       raise ValueError(
           f'{path} looks like safetensors but its header claims {header:,} '
           f'bytes in a file of {size:,}: the file is truncated or damaged.')
+    _check_safetensors_length(path, header, size)
     return 'safetensors'
   if head[:1] == b'\x80' or head[:1] in (b'(', b']', b'}'):
     return 'torch-pickle'
   raise ValueError(
       f'{path} is not a weights file this reader knows (first bytes '
       f'{head[:8]!r}); supported: ' + ', '.join(FORMATS.values()) + '.')
+
+
+def _check_safetensors_length(path: pathlib.Path, header: int, size: int):
+  """The tensors the header lists end where the file ends (not truncated)."""
+  with path.open('rb') as f:
+    f.seek(8)
+    raw = f.read(header)
+  try:
+    entries = json.loads(raw)
+    end = max((int(e['data_offsets'][1]) for k, e in entries.items()
+               if k != '__metadata__'), default=0)
+  except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+    raise ValueError(f'{path} looks like safetensors but its header is not '
+                     f'valid ({type(e).__name__}: {e}); the file is damaged. '
+                     'Save or download it again.') from None
+  if 8 + header + end > size:
+    raise ValueError(
+        f'{path} is truncated: its safetensors header lists {end:,} bytes of '
+        f'tensors, the file holds {size - 8 - header:,}. Save or download it '
+        'again.')

@@ -2,16 +2,20 @@
 
 A file is written to a temporary name beside its final place and renamed only
 once it is complete and its checksum agrees, so an interrupted or corrupted
-transfer never leaves a file that a later run would trust. A file already in
-the cache is used without touching the network.
+transfer never leaves a file that a later run would trust. Without a checksum
+the bytes must be a weights format (convert.files.sniff): an error or login
+page served as 200 OK is refused, not cached. A file already in the cache is
+used without touching the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import os
 import pathlib
+import re
 import shutil
 import socket
 import tempfile
@@ -22,11 +26,15 @@ import zipfile
 from typing import Optional
 
 from flax_resnet import native
+from flax_resnet.convert import files
 
 # Seconds to wait for a connection or for the next bytes: an unreachable
 # network fails fast instead of hanging.
 TIMEOUT_S = 10.0
 _ALGORITHMS = {'sha256': 64, 'sha1': 40, 'md5': 32}
+# A shorter prefix tells files apart no better than chance (one file in 16
+# shares a 1-digit prefix); torchvision's file names carry 8 hex digits.
+MIN_CHECKSUM_DIGITS = 8
 
 
 class DownloadError(OSError):
@@ -35,6 +43,10 @@ class DownloadError(OSError):
 
 class ChecksumMismatch(ValueError):
   """A file's content differs from its published checksum."""
+
+
+class CachedFileDamaged(ValueError):
+  """A file in the cache is not a weights file; the message says to delete it."""
 
 
 def cache_dir() -> pathlib.Path:
@@ -46,6 +58,8 @@ def cache_path(url: str, member: Optional[str] = None) -> pathlib.Path:
   """Where the file from `url` lives in the cache: weights/HOST/PATH.
 
   Derived from the URL alone, so a user can place a file there by hand.
+  A query string ('download?id=...') is part of what names the file: URLs that
+  differ only there get different cache files (NAME-q<8 hex of sha256>).
   With `member` (a file inside a .zip download) it is that file's name in the
   archive's folder.
   """
@@ -53,26 +67,45 @@ def cache_path(url: str, member: Optional[str] = None) -> pathlib.Path:
   parts = [p for p in urllib.parse.unquote(parsed.path).split('/')
            if p not in ('', '.', '..')]
   if not parts:
-    raise ValueError(f'url {url!r} names no file.')
+    raise ValueError(
+        f'url {url!r} names no file (its path is empty); give the URL of the '
+        'weights file itself, e.g. https://host/models/resnet50.pth.')
   host = parsed.netloc.replace(':', '_') or 'local'
   path = cache_dir().joinpath('weights', host, *parts)
+  if parsed.query:
+    query = hashlib.sha256(parsed.query.encode()).hexdigest()[:8]
+    path = path.with_name(f'{path.stem}-q{query}{path.suffix}')
   return path.with_name(member) if member else path
 
 
 def parse_checksum(checksum: Optional[str]) -> Optional[tuple[str, str]]:
-  """'sha256:HEX' -> ('sha256', 'hex'); a bare HEX is sha256; None stays None."""
+  """'sha256:HEX' -> ('sha256', 'hex'); a bare HEX is sha256; None stays None.
+
+  HEX is the whole digest or a prefix of at least MIN_CHECKSUM_DIGITS digits.
+  """
   if checksum is None:
     return None
-  algorithm, _, digest = checksum.rpartition(':')
+  algorithm, _, digest = str(checksum).rpartition(':')
+  algorithm = algorithm.strip().lower()
+  # A bare HEX is what load_pretrained's sha256= takes: name that field.
+  field = f'checksum {checksum!r}' if algorithm else f'sha256={checksum!r}'
   algorithm = algorithm or 'sha256'
   digest = digest.strip().lower()
+  usage = ('give sha256=HEX or checksum=ALGO:HEX with ALGO in '
+           f'{", ".join(_ALGORITHMS)}, HEX the whole digest or its first '
+           f'{MIN_CHECKSUM_DIGITS}+ hex digits.')
   if (algorithm not in _ALGORITHMS or not digest or
-      len(digest) > _ALGORITHMS[algorithm] or
       any(c not in '0123456789abcdef' for c in digest)):
+    raise ValueError(f'{field} is not a hex digest; {usage}')
+  full = _ALGORITHMS[algorithm]
+  if len(digest) > full:
+    raise ValueError(f'{field} has {len(digest)} hex digits, more than a '
+                     f'{algorithm} digest\'s {full}; {usage}')
+  if len(digest) < MIN_CHECKSUM_DIGITS:
     raise ValueError(
-        f'checksum {checksum!r} is not a hex digest; give sha256=HEX (64 hex '
-        'digits, or a prefix of them) or ALGO:HEX with ALGO in '
-        f'{", ".join(_ALGORITHMS)}.')
+        f'{field} has {len(digest)} hex digit{"s" if len(digest) > 1 else ""}'
+        f', too few to tell files apart: give at least {MIN_CHECKSUM_DIGITS} '
+        f'(torchvision\'s file names carry 8) or all {full}.')
   return algorithm, digest
 
 
@@ -113,9 +146,21 @@ def _place_by_hand(url: str, dest: pathlib.Path, member: Optional[str],
           f'place {what} at {dest}{check}.')
 
 
+class _Refused(Exception):
+  """A complete transfer whose content is not the file wanted (internal)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Received:
+  """A finished transfer: its temporary file and what the server said of it."""
+  path: pathlib.Path
+  content_type: str
+  final_url: str
+
+
 def _download(url: str, directory: pathlib.Path, progress: bool,
-              timeout: float) -> pathlib.Path:
-  """Streams `url` into a temporary file in `directory`; returns its path.
+              timeout: float) -> _Received:
+  """Streams `url` into a temporary file in `directory`.
 
   The temporary file is removed on any failure, including a transfer that
   ends before its Content-Length.
@@ -124,6 +169,7 @@ def _download(url: str, directory: pathlib.Path, progress: bool,
 
   request = urllib.request.Request(url, headers={'User-Agent': 'flax_resnet'})
   # Connect first: an unreachable host leaves nothing behind, not even a folder.
+  # An HTTP error status raises here, so its body is never written.
   with urllib.request.urlopen(request, timeout=timeout) as response:
     length = response.headers.get('Content-Length')
     total = int(length) if length and length.isdigit() else None
@@ -155,10 +201,47 @@ def _download(url: str, directory: pathlib.Path, progress: bool,
               f'the transfer ended after {received:,} of {total:,} bytes')
         out.flush()
         os.fsync(out.fileno())
-      return tmp_path
+      return _Received(tmp_path, response.headers.get('Content-Type', ''),
+                       response.geturl() or url)
     except BaseException:
       tmp_path.unlink(missing_ok=True)
       raise
+
+
+def _describe_page(path: pathlib.Path, content_type: str) -> Optional[str]:
+  """'an HTML page titled ...' when the body is a web page or a JSON/XML
+  message (an error, a login form, a quota notice), else None."""
+  with open(path, 'rb') as f:
+    head = f.read(4096)
+  text = head.lstrip(b'\xef\xbb\xbf \t\r\n').lower()
+  kind = content_type.split(';')[0].strip().lower()
+  if text.startswith((b'<!doctype html', b'<html')) or 'html' in kind:
+    what = 'an HTML page'
+    title = re.search(rb'<title[^>]*>([^<]{1,120})', head, re.IGNORECASE)
+    if title:
+      what += f' titled {title.group(1).decode("utf-8", "replace").strip()!r}'
+  elif text.startswith(b'<') or 'xml' in kind:
+    what = 'an XML document'
+  elif text.startswith((b'{', b'[')) or 'json' in kind:
+    what = 'a JSON document'
+  else:
+    return None
+  start = ' '.join(head[:100].decode('utf-8', 'replace').split())
+  return f'{what} ({content_type or "no Content-Type"}) starting {start!r}'
+
+
+def _not_weights(path: pathlib.Path, content_type: str,
+                 name: str) -> Optional[str]:
+  """'NAME is ...': why `path` is not a weights file, or None if it is one."""
+  try:
+    files.sniff(path)
+    return None
+  except ValueError as e:
+    page = _describe_page(path, content_type)
+    if page:
+      return f'{name} is {page}, not a weights file'
+    return str(e).replace(f'weights file {path}', name).replace(str(path),
+                                                                 name)
 
 
 def _extract(archive: pathlib.Path, member: str,
@@ -168,16 +251,44 @@ def _extract(archive: pathlib.Path, member: str,
   tmp_path = pathlib.Path(tmp)
   try:
     with zipfile.ZipFile(archive) as zf, os.fdopen(fd, 'wb') as out:
-      names = {pathlib.PurePosixPath(n).name: n for n in zf.namelist()}
+      names = {pathlib.PurePosixPath(n).name: n for n in zf.namelist()
+               if not n.endswith('/')}
       if member not in names:
-        raise ChecksumMismatch(
-            f'the archive holds no {member} (it has {", ".join(names)})')
+        raise _Refused(
+            f'the archive holds no {member} (it holds '
+            f'{", ".join(sorted(names)) or "no files"}): the archive changed '
+            'or the entry names the wrong member')
       with zf.open(names[member]) as src:
         shutil.copyfileobj(src, out)
     return tmp_path
   except BaseException:
     tmp_path.unlink(missing_ok=True)
     raise
+
+
+def _check_destination(dest: pathlib.Path, url: str):
+  """The cache path must be free for a file (a folder there cannot be replaced)."""
+  if dest.exists() and not dest.is_file():
+    raise DownloadError(
+        f'cannot cache {url}: {dest} exists and is not a file; move it away.')
+
+
+def _cached(dest: pathlib.Path, url: str, checksum: Optional[str]
+            ) -> pathlib.Path:
+  """The cached file, checked: by its checksum, or without one by its format."""
+  if checksum:
+    try:
+      verify(dest, checksum, f'the cached file {dest}')
+    except ChecksumMismatch as e:
+      raise ChecksumMismatch(
+          f'{e}. It is not the file {url} should give; delete it to download '
+          'again, or pass the checksum of the file you mean.') from None
+    return dest
+  problem = _not_weights(dest, '', f'the cached file {dest} (from {url})')
+  if problem:
+    raise CachedFileDamaged(
+        f'{problem.rstrip(".")}. Delete it to download again.')
+  return dest
 
 
 def fetch(url: str, *, checksum: Optional[str] = None,
@@ -187,31 +298,32 @@ def fetch(url: str, *, checksum: Optional[str] = None,
 
   Args:
     url: http(s) or file URL.
-    checksum: 'ALGO:HEX' or a sha256 HEX (a prefix is allowed); verified on
+    checksum: 'ALGO:HEX' or a sha256 HEX (the whole digest or a prefix of at
+      least 8 hex digits); verified on download and on every cache hit.
+      Without one, the file must be a weights format (convert.files), on
       download and on every cache hit.
     member: for a .zip download, the file inside it to keep (and verify).
     progress: show a tqdm progress bar.
     timeout: seconds to wait for a connection or for data.
 
   Raises:
-    DownloadError: no network / server error / interrupted transfer, with the
-      URL and the cache path where the file can be placed by hand.
+    DownloadError: no network / server error / interrupted transfer / a web
+      page where the file should be, with the URL and the cache path where
+      the file can be placed by hand. Nothing is kept.
     ChecksumMismatch: the downloaded (then discarded) or cached file differs.
+    CachedFileDamaged: a cached file without a checksum is not weights.
   """
   parse_checksum(checksum)  # a malformed checksum fails before any transfer
   dest = cache_path(url, member)
+  _check_destination(dest, url)
   if dest.is_file():
-    try:
-      verify(dest, checksum, f'the cached file {dest}')
-    except ChecksumMismatch as e:
-      raise ChecksumMismatch(
-          f'{e}. It is not the file {url} should give; delete it to download '
-          'again, or pass the checksum of the file you mean.') from None
-    return dest
+    return _cached(dest, url, checksum)
 
   source = _mirrored(url)
+  via = f' (via the mirror {source})' if source != url else ''
+  by_hand = _place_by_hand(url, dest, member, checksum)
   try:
-    downloaded = _download(source, dest.parent, progress, timeout)
+    received = _download(source, dest.parent, progress, timeout)
   except (urllib.error.URLError, OSError, http.client.HTTPException,
           ValueError) as e:
     reason = getattr(e, 'reason', None) or e
@@ -219,27 +331,39 @@ def fetch(url: str, *, checksum: Optional[str] = None,
       reason = f'HTTP {e.code} {e.reason}'
     elif isinstance(e, (socket.timeout, TimeoutError)):
       reason = f'no answer within {timeout:g} s'
-    via = f' (via the mirror {source})' if source != url else ''
     raise DownloadError(
-        f'cannot download {url}{via}: {reason}. '
-        f'{_place_by_hand(url, dest, member, checksum)}') from None
+        f'cannot download {url}{via}: {reason}. {by_hand}') from None
+  redirect = (f' (redirected to {received.final_url})'
+              if received.final_url != source else '')
+  kept = received.path
   try:
-    kept = downloaded
     if member:
       try:
-        kept = _extract(downloaded, member, dest.parent)
+        kept = _extract(received.path, member, dest.parent)
       except zipfile.BadZipFile:
-        raise ChecksumMismatch(
-            f'the download from {url} is not a valid .zip archive') from None
+        page = _describe_page(received.path, received.content_type)
+        raise _Refused(f'the server\'s answer is {page or "damaged"}, not a '
+                       '.zip archive') from None
       finally:
-        downloaded.unlink(missing_ok=True)
-    verify(kept, checksum, f'the download from {url}' +
-           (f' ({member})' if member else ''))
-  except ChecksumMismatch as e:
+        received.path.unlink(missing_ok=True)
+    if checksum:
+      verify(kept, checksum, f'the download from {url}' +
+             (f' ({member})' if member else ''))
+    elif problem := _not_weights(kept, received.content_type,
+                                 'the server\'s answer'):
+      raise _Refused(problem.rstrip('.'))
+  except _Refused as e:
     kept.unlink(missing_ok=True)
+    raise DownloadError(
+        f'cannot download {url}{via}{redirect}: {e}; nothing was kept. Open '
+        f'the URL in a browser to see what it serves. {by_hand}') from None
+  except ChecksumMismatch as e:
+    page = _describe_page(kept, received.content_type) if not member else None
+    kept.unlink(missing_ok=True)
+    cause = (f'the server\'s answer is {page}{redirect}' if page else
+             'a corrupted transfer or a changed file')
     raise ChecksumMismatch(
-        f'{e}; nothing was kept (a corrupted transfer or a changed file). '
-        'Run again; if it persists, the checksum is wrong. '
-        f'{_place_by_hand(url, dest, member, checksum)}') from None
+        f'{e}; nothing was kept ({cause}). Run again; if it persists, the '
+        f'checksum is wrong. {by_hand}') from None
   os.replace(kept, dest)
   return dest

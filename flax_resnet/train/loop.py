@@ -26,6 +26,7 @@ from flax_resnet.model import ResNet
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config_check
 from flax_resnet.train import finished
+from flax_resnet.train import init_from
 from flax_resnet.train import metrics as metrics_lib
 from flax_resnet.train import optim
 from flax_resnet.train import parallel
@@ -36,6 +37,18 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
   """Training produced NaN/Inf; the last good checkpoint is left untouched."""
+
+
+def _last_good(ckpt) -> tuple[str, str]:
+  """(what is on disk, what a rerun does), true also when nothing was saved."""
+  ckpt.wait()  # a save still in flight is a good step too
+  steps = ckpt.all_steps()
+  if steps:
+    return (f'No checkpoint was written after it; the last good one (step '
+            f'{steps[-1]}) in {ckpt.directory} is intact',
+            f'rerun to resume from step {steps[-1]}')
+  return (f'Nothing was saved: {ckpt.directory} holds no checkpoint',
+          'rerun to start again from step 0')
 
 
 def enable_compilation_cache(directory: str):
@@ -169,76 +182,6 @@ def evaluate(eval_step, state, eval_iterator, mesh) -> dict[str, float]:
           'eval_examples': count}
 
 
-def _load_init_weights(config, spec, state):
-  """config.init_from: a weights file, a URL, a registry tag or a workdir.
-
-  Registry tags and URLs go through `flax_resnet.pretrained` (cached,
-  checksummed downloads), exactly as `load_pretrained(config.model, ...)`.
-  """
-  from flax_resnet import convert, pretrained  # pylint: disable=g-import-not-at-top
-  path = os.path.expanduser(config.init_from)
-  if not os.path.exists(path):
-    try:
-      path = str(pretrained.resolve(config.model, config.init_from)[0])
-    except (pretrained.DownloadError, pretrained.ChecksumMismatch) as e:
-      raise config_check.ConfigError(f'config.init_from: {e}') from None
-    except ValueError:
-      tags = ', '.join(w.tag for w in pretrained.list_pretrained(config.model))
-      raise config_check.ConfigError(
-          f'config.init_from: {path} does not exist; give a torchvision '
-          '.pth/.safetensors file, a training workdir, an http(s) URL or a '
-          f'registry tag ({tags or "none registered for " + config.model}; '
-          'python -m flax_resnet.pretrained lists them).') from None
-  if os.path.isdir(path):
-    ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(
-        os.path.join(path, 'checkpoints')) else path
-    mgr = checkpoint_lib.Checkpointer(ckpt_dir, keep=1000, keep_best=False)
-    try:
-      restored, step = mgr.restore_newest_readable()
-    except checkpoint_lib.CheckpointError as e:
-      raise config_check.ConfigError(
-          f'config.init_from: {e}; give a training workdir that holds '
-          'checkpoints, or a torchvision .pth/.safetensors file.'
-      ) from None
-    finally:
-      mgr.close()
-    log.info('initial weights from checkpoint step %d in %s', step, ckpt_dir)
-    variables = {'params': restored['params'],
-                 'batch_stats': restored['batch_stats']}
-  else:
-    try:
-      variables = convert.load_weights(path, spec,
-                                       skip_head=config.init_from_skip_head)
-    except convert.StateDictMismatch as e:
-      raise config_check.ConfigError(
-          f'config.init_from: {path} does not fit model {config.model!r} '
-          '(config.init_from_skip_head=True loads all but the classifier):\n'
-          f'{e}') from e
-    except Exception as e:  # pylint: disable=broad-except
-      # torch / safetensors errors on a file that is not a state_dict at all;
-      # their first sentence only (torch goes on to suggest unpickling it).
-      reason = str(e).strip().split('\n')[0].split('. ')[0][:150]
-      raise config_check.ConfigError(
-          f'config.init_from: {path} is not a readable state_dict '
-          f'({type(e).__name__}: {reason}); give a torchvision '
-          '.pth/.safetensors file or a training workdir.') from e
-  params, batch_stats = variables['params'], variables['batch_stats']
-  if config.init_from_skip_head:
-    params = dict(params)
-    params['fc'] = state.params['fc']
-  try:
-    params = jax.tree.map(lambda ref, new: jnp.asarray(new, ref.dtype).reshape(
-        ref.shape), state.params, params)
-    batch_stats = jax.tree.map(
-        lambda ref, new: jnp.asarray(new, ref.dtype).reshape(ref.shape),
-        state.batch_stats, batch_stats)
-  except (ValueError, TypeError) as e:
-    raise config_check.ConfigError(
-        f'config.init_from: {path} does not fit model {config.model!r}: {e}. '
-        'Set init_from_skip_head=True if only the classifier differs.') from e
-  return state.replace(params=params, batch_stats=batch_stats)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: Optional[int] = None) -> RunResult:
   """Trains and evaluates; resumes from `workdir` if it holds checkpoints.
@@ -349,7 +292,7 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
     train_iter.set_state(data_state)
     log.info('resumed from step %d in %s', start_step, ckpt.directory)
   elif config.init_from:
-    state = _load_init_weights(config, spec, state)
+    state = init_from.load_init_weights(config, spec, state)
   if is_lead:
     # Drop records of steps this run will train again, also when a run killed
     # before its first checkpoint starts over from step 0.
@@ -392,14 +335,13 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
     bad = _first_nonfinite(window_start, fetched)
     if bad is not None and config.halt_on_nonfinite:
       bad_step, m = bad
+      kept, rerun = _last_good(ckpt)
       raise NonFiniteLossError(
           f'training diverged at step {bad_step + 1}: loss={m["loss"]}, '
           f'grad_norm={m["grad_norm"]}, lr={m["lr"]:.4g}. The cause is '
           'numerical blow-up (too high a learning rate, or fp16 overflow). '
-          'No checkpoint was written after it; the last good one in '
-          f'{ckpt.directory} is intact. Lower config.learning_rate, set '
-          'config.grad_clip_norm, or use precision=bfloat16, then rerun to '
-          'resume from it.')
+          f'{kept}. Lower config.learning_rate, set config.grad_clip_norm, '
+          f'or use precision=bfloat16, then {rerun}.')
     elapsed = time.time() - window_time
     last_train = {k: float(np.mean([m[k] for m in fetched])) for k in
                   fetched[0]}
@@ -413,12 +355,13 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
 
   def save(metrics=None):
     if not bool(all_finite(state)):
+      kept, rerun = _last_good(ckpt)
       raise NonFiniteLossError(
           f'parameters are NaN/Inf at step {step}; not saving. The cause is '
           'numerical blow-up in an update (too high a learning rate, or fp16 '
-          f'overflow). The last good checkpoint in {ckpt.directory} is intact. '
-          'Lower config.learning_rate, set config.grad_clip_norm, or use '
-          'precision=bfloat16, then rerun to resume from it.')
+          f'overflow). {kept}. Lower config.learning_rate, set '
+          'config.grad_clip_norm, or use precision=bfloat16, then '
+          f'{rerun}.')
     ckpt.save(step, state, prefetcher.state, meta, metrics)
 
   try:
