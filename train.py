@@ -10,7 +10,23 @@ environment jax can discover, also --coordinator_address=HOST:PORT
 
 import logging as std_logging
 import pathlib
+import signal
 import sys
+
+
+def _stop_before_training(signum, frame):
+  """SIGTERM/SIGINT before the training loop takes them over: leave, exit 0."""
+  del frame
+  print(f'\nstopping early (signal {signum}) during startup: nothing trained '
+        'yet, nothing to save.', file=sys.stderr, flush=True)
+  sys.exit(0)
+
+
+if __name__ == '__main__':
+  # From the first line on (imports take seconds); the loop installs its own
+  # handlers for the run and gives these back after it.
+  for _signal in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signal, _stop_before_training)
 
 from absl import app
 from absl import flags
@@ -154,6 +170,7 @@ def main(argv):
   from flax_resnet.train import loop  # pylint: disable=g-import-not-at-top
   from flax_resnet.layout import LayoutMismatch  # pylint: disable=g-import-not-at-top
   from flax_resnet.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import InputWorkerError  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     # The persistent compilation cache must be on before the first compile,
     # and initialize() already compiles (its barrier).
@@ -175,7 +192,7 @@ def main(argv):
   try:
     result = train.train_and_evaluate(_CONFIG.value, workdir)
   except (ValueError, LayoutMismatch, CheckpointError,
-          train.NonFiniteLossError) as e:
+          train.NonFiniteLossError, InputWorkerError) as e:
     print(f'\nerror: {e}', file=sys.stderr)
     sys.exit(1)
   except OSError as e:

@@ -7,6 +7,7 @@ import math
 import numbers
 
 import ml_collections
+import numpy as np
 
 from flax_resnet import references
 from flax_resnet.spec import ResNetSpec
@@ -18,6 +19,10 @@ PRECISIONS = {'float32': 'float32', 'bfloat16': 'bfloat16',
               'float16': 'float16'}
 # Kept for callers that list the choices; the schema in config.py owns them.
 CHOICES = {f.name: f.choices for f in config_lib.FIELDS if f.choices}
+# Float fields become float32 in the computation (schedules, optimizer,
+# normalisation): beyond these magnitudes they turn into inf or 0 there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 class ConfigError(ValueError):
@@ -76,6 +81,13 @@ def _number_problem(field: config_lib.Field, value, integer: bool):
     return f'{value!r} is not an integer.'
   if field.range is not None and not _in_range(field, value):
     return f'{value!r} is out of range: it must be {field.describe_range()}.'
+  if not integer and abs(value) > FLOAT32_MAX:
+    return (f'{value!r} overflows float32, which the run computes in '
+            f'(largest {FLOAT32_MAX:.4g}).')
+  if not integer and 0 < abs(value) < FLOAT32_TINY:
+    return (f'{value!r} is below the smallest normal float32 '
+            f'({FLOAT32_TINY:.4g}), which XLA flushes to 0; give 0 or a '
+            'larger value.')
   return None
 
 
@@ -184,6 +196,18 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
   peak = config.learning_rate * (
       config.batch_size / config.base_batch_size
       if config.lr_scaling == 'linear' else 1)
+  if peak > FLOAT32_MAX:
+    _fail('learning_rate', f'{config.learning_rate} x batch_size '
+          f'{config.batch_size} / base_batch_size {config.base_batch_size} '
+          f'(lr_scaling=linear) = {peak:.4g} overflows float32; lower '
+          'learning_rate or set lr_scaling=none.')
+  pixel_bound = max(max(abs(m), abs(255 - m)) / s for m, s in zip(
+      config.mean_rgb, config.std_rgb))
+  if pixel_bound > FLOAT32_MAX:
+    _fail('std_rgb', f'{tuple(config.std_rgb)} with mean_rgb '
+          f'{tuple(config.mean_rgb)}: normalised pixels (0..255 - mean) / std '
+          'overflow float32; use values on the 0..255 scale, e.g. the '
+          'defaults.')
   if config.warmup_init_lr > peak:
     _fail('warmup_init_lr', f'{config.warmup_init_lr} is above the peak '
           f'learning rate {peak:.4g} it warms up to; use a value in '
