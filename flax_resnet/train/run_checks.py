@@ -203,36 +203,39 @@ def check_memory(config, *, num_train: int, eval_batch: int,
   image_bytes = config.image_size ** 2 * 3 * 4
   train_held = held_batches(train_workers, config.prefetch_batches)
   eval_held = held_batches(eval_workers, config.prefetch_batches)
-  per_process = max(1, device_count // process_count)
   train_bytes = config.batch_size // process_count * image_bytes * train_held
   eval_bytes = eval_batch // process_count * image_bytes * eval_held
-  image = (f'{config.image_size}x{config.image_size}x3 float32 images')
-  if per_process * image_bytes * train_held > available:
-    largest = math.isqrt(available // (per_process * 12 * train_held))
+  # The smallest batches there can be: one example per device.
+  smallest = device_count // process_count * (train_held + eval_held)
+  image = f'{config.image_size}x{config.image_size}x3 float32 images'
+  if smallest * image_bytes > available:
+    largest = max(1, math.isqrt(available // (smallest * 12)))
     raise ConfigError(
-        f'config.image_size={config.image_size}: even a batch of '
-        f'{per_process} needs {_size(per_process * image_bytes * train_held)} '
-        f'of {image} in the input pipeline ({train_held} batches held), more '
-        f'than the {_size(available)} of memory available; use image_size <= '
-        f'{largest} (ResNets train at 224).')
-  if train_bytes > available:
+        f'config.image_size={config.image_size}: even batches of one image '
+        f'per device need {_size(smallest * image_bytes)} of {image} in the '
+        f'input pipelines ({train_held} train and {eval_held} eval batches '
+        f'held), more than the {_size(available)} of memory available; use '
+        f'image_size <= {largest} (ResNets train at 224).')
+  least_eval = device_count // process_count * image_bytes * eval_held
+  if train_bytes + least_eval > available:
+    fits = _largest_batch(available - least_eval, image_bytes * train_held,
+                          process_count, device_count)
     raise ConfigError(
         f'config.batch_size={config.batch_size}: the input pipeline holds up '
         f'to {train_held} batches of {config.batch_size // process_count} '
         f'{image} ({_size(train_bytes)}), more than the {_size(available)} of '
-        'memory available; use batch_size <= '
-        f'{_largest_batch(available, image_bytes * train_held, process_count, device_count)}'
-        f' (the train split has {num_train} examples; 256 is usual), or lower '
-        'prefetch_batches / worker_count.')
+        f'memory available; use batch_size <= {fits} (the train split has '
+        f'{num_train} examples; 256 is usual), or lower prefetch_batches / '
+        'worker_count.')
   if train_bytes + eval_bytes > available:
+    fits = _largest_batch(available - train_bytes, image_bytes * eval_held,
+                          process_count, device_count)
     raise ConfigError(
         f'config.eval_batch_size={config.eval_batch_size}: evaluating holds up '
         f'to {eval_held} batches of {eval_batch // process_count} {image} '
         f'({_size(eval_bytes)}) besides the train pipeline\'s '
         f'{_size(train_bytes)}, more than the {_size(available)} of memory '
-        'available; use eval_batch_size <= '
-        f'{_largest_batch(available - train_bytes, image_bytes * eval_held, process_count, device_count)}'
-        ', e.g. the batch_size.')
+        f'available; use eval_batch_size <= {fits}.')
 
 
 def _largest_batch(available: int, bytes_per_example: int, process_count: int,
