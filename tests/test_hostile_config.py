@@ -122,6 +122,12 @@ ISSUE_CASES = {
     'num_epochs_zero_from_epochs': ({'num_train_steps': -1, 'num_epochs': 0.0},
                                     'num_epochs', ['must be > 0']),
     'keep_best_int': ({'keep_best': 1}, 'keep_best', ['True or False']),
+    # Issue 20: an empty init_from was silently ignored (an unset variable).
+    'init_from_empty': ({'init_from': ''}, 'init_from', ['is empty']),
+    'init_from_blank': ({'init_from': '  '}, 'init_from', ['is empty']),
+    'skip_head_with_init_from_none_string': (
+        {'init_from': 'None', 'init_from_skip_head': True},
+        'init_from_skip_head', ['ignored']),
     # Issue 20: values whose derived quantities overflow.
     'image_size_100000': ({'image_size': 100000}, 'image_size',
                           ['in [1, 8192]']),
@@ -302,6 +308,15 @@ def test_misspelt_field_suggests_the_right_one(name, want):
   assert config_check.suggest(name) == f'Did you mean "{want}"? '
 
 
+@pytest.mark.parametrize('text', ['None', 'none', 'NONE'])
+def test_init_from_none_in_any_case_means_no_weights(text):
+  """absl gives --config.init_from=None as the string 'None'."""
+  config = fault_config(init_from=text)
+  config_check.validate_config(config)
+  assert config_check.init_from(config) is None
+  assert config_check.init_from(fault_config(init_from='w.pth')) == 'w.pth'
+
+
 @pytest.mark.parametrize('value', [-1, 1, 5])
 def test_minus_one_is_the_named_default_and_positive_steps_pass(value):
   for name in ('eval_every_steps', 'num_train_steps', 'warmup_steps'):
@@ -351,6 +366,9 @@ CLI_CASES = {
     'num_epochs_1e308': (  # issue 20: an OverflowError traceback
         ['--config.num_train_steps=-1', '--config.num_epochs=1e308'],
         ['error: config.num_epochs: 1e+308 is out of range']),
+    'init_from_empty': (  # issue 20: trained from scratch without a word
+        ['--config.init_from='],
+        ["error: config.init_from: '' is empty (an unset shell variable?)"]),
     'process_id_out_of_range': (
         ['--distributed', '--num_processes=2', '--process_id=2',
          '--coordinator_address=localhost:1234'],

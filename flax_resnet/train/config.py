@@ -188,7 +188,8 @@ FIELDS: tuple[Field, ...] = (
     Field('keep_best', True, BOOL, 'also keep the best checkpoint by eval '
           'top-1'),
     Field('init_from', None, STR, 'start from these weights: a torchvision '
-          '.pth/.safetensors or a training workdir', nullable=True),
+          ".pth/.safetensors or a training workdir; None (any case) for none, "
+          "'' is refused", nullable=True),
     Field('init_from_skip_head', False, BOOL, 'init_from: load all but the '
           'classifier'),
     # Evaluation and logging.

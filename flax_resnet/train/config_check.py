@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from typing import Optional
 
 import ml_collections
 import numpy as np
@@ -174,6 +175,18 @@ def reference_name(config: ml_collections.ConfigDict, spec: ResNetSpec):
   return ref
 
 
+def init_from(config) -> Optional[str]:
+  """config.init_from, or None for no initial weights.
+
+  'None' in any case means None too: absl hands --config.init_from=None over
+  as that string, and no weights file or tag is called so.
+  """
+  value = config.init_from
+  if value is None or value.strip().lower() == 'none':
+    return None
+  return value
+
+
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
                     process_count: int = 1) -> ResNetSpec:
   """Checks every field, then the rules between fields; returns the spec.
@@ -227,7 +240,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
         _fail(field, f'{tuple(config[field])} would be ignored: boundaries '
               f"apply only to schedule='piecewise' (schedule is "
               f"{config.schedule!r}). Set schedule='piecewise' or remove them.")
-  if config.init_from_skip_head and not config.init_from:
+  if isinstance(config.init_from, str) and not config.init_from.strip():
+    _fail('init_from', f'{config.init_from!r} is empty (an unset shell '
+          'variable?); give the weights to start from (a torchvision '
+          '.pth/.safetensors file, a training workdir, a URL or a registry '
+          'tag), or leave the field out to start from random weights.')
+  if config.init_from_skip_head and init_from(config) is None:
     _fail('init_from_skip_head', 'is True but config.init_from is not set, so '
           'it would be ignored; set init_from to the weights to load.')
   spec = model_spec(config)

@@ -326,7 +326,7 @@ class _Run:
       self.train_iter.set_state(data_state)
       self.saved_step = self.step
       log.info('resumed from step %d in %s', self.step, ckpt.directory)
-    elif config.init_from:
+    elif config_check.init_from(config) is not None:
       stop.phase = 'loading config.init_from'
       state = _load_init_weights(config, spec, state)
     self.start_step = self.step
