@@ -753,8 +753,8 @@ def test_a_killed_input_worker_is_one_error_line_and_loses_no_step(
   assert 'Traceback' not in out and 'leaked' not in out, out[-3000:]
   step = max(outcome['step_dirs'])
   assert step == outcome['logged_step'], (outcome, out[-3000:])
-  assert (f'checkpoint at step {step} written' in error or
-          f'nothing trained since the checkpoint at step {step}' in error)
+  assert (f'Checkpoint at step {step} written' in error or
+          f'Nothing trained since the checkpoint at step {step}' in error)
   state, _ = restore_step(outcome['workdir'] / 'checkpoints', step)
   assert_states_equal(state, scenarios.reference_state(step),
                       'after the worker died')

@@ -262,7 +262,8 @@ class TrainIterator(grain.DatasetIterator):
 
 def make_eval_iterator(config, *, process_index: int = 0,
                        process_count: int = 1,
-                       batch_size: Optional[int] = None) -> grain.IterDataset:
+                       batch_size: Optional[int] = None,
+                       passes: bool = False):
   """Every example of config.eval_split exactly once across the processes.
 
   Process p reads examples p, p + process_count, ...; each process yields the
@@ -275,6 +276,8 @@ def make_eval_iterator(config, *, process_index: int = 0,
     process_count: number of processes (jax.process_count()).
     batch_size: the global batch, if not config.eval_batch_size (the loop
       caps it at the split, see `run_checks.eval_batch_size`).
+    passes: return an `EvalPasses` instead, whose worker processes serve
+      every pass (each eval of a run) rather than starting for each.
 
   Returns:
     A re-iterable `grain.IterDataset` (each `iter()` is a fresh pass in the
@@ -293,8 +296,54 @@ def make_eval_iterator(config, *, process_index: int = 0,
   shard = PaddedShard(source, process_index, process_count,
                       batches * batch_size)
   ds = grain.MapDataset.source(shard).map(transform).batch(batch_size)
-  return _read_ahead(ds, worker_count(config, shard_size, batch_size),
-                     config.prefetch_batches)
+  workers = worker_count(config, shard_size, batch_size)
+  if passes:
+    return EvalPasses(_read_ahead(ds, workers, config.prefetch_batches),
+                      batches, workers)
+  return _read_ahead(ds, workers, config.prefetch_batches)
+
+
+class EvalPasses:
+  """Passes over a finite eval dataset; worker processes kept between them.
+
+  With worker processes, one repeated iterator serves every pass (grain
+  0.2.18 keeps the workers across the epochs of a `RepeatIterDataset`); a pass cut short (an
+  exception, a signal) closes it, so the next pass starts aligned. Without
+  workers each pass is a fresh iterator: nothing to keep.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, num_batches: int,
+               worker_count: int):
+    self._dataset = dataset
+    self._num_batches = num_batches
+    self._worker_count = worker_count
+    self._iterator = None
+
+  def one_pass(self):
+    """Yields the batches of one pass over the split."""
+    if not self._worker_count:
+      iterator = iter(self._dataset)
+      try:
+        yield from iterator
+      finally:
+        iterator.close()
+      return
+    if self._iterator is None:
+      self._iterator = iter(grain.experimental.RepeatIterDataset(self._dataset))
+    finished = False
+    try:
+      for _ in range(self._num_batches):
+        yield next(self._iterator)
+      finished = True
+    finally:
+      if not finished:
+        self.close()
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+    release_shared_memory()
 
 
 class PaddedShard:

@@ -204,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       try:
         with stop.interruptible('startup'):
           run.prepare(workdir, cleanup, stop)
-        run.train(stop)
+        run.train(stop, cleanup)
       except signals.Interrupted as e:
         run.stop_early(e)
       except data_lib.InputWorkerError as e:
@@ -235,6 +235,7 @@ class _Run:
     self.state = None
     self.ckpt = None
     self.progress = None
+    self.eval_passes = None
     self.window: list = []
 
   def _say(self, text: str, level=logging.INFO):
@@ -405,7 +406,7 @@ class _Run:
                    metrics)
     self.saved_step = self.step
 
-  def train(self, stop: signals.StopSignal):
+  def train(self, stop: signals.StopSignal, cleanup: contextlib.ExitStack):
     config = self.config
     compiled_step = None
     if self.is_lead and self.step < self.total_steps:
@@ -441,7 +442,7 @@ class _Run:
           self.flush()
         if at_eval:
           with stop.interruptible('evaluation'):
-            self.evaluate()
+            self.evaluate(cleanup)
           self.save({'eval_top1': self.last_eval['eval_top1']})
         elif at_ckpt:
           self.save()
@@ -456,18 +457,22 @@ class _Run:
                   'stop_after', step), logging.WARNING)
           break
 
-  def evaluate(self):
+  def evaluate(self, cleanup: contextlib.ExitStack):
     eval_started = time.time()
-    eval_batches = iter(data_lib.make_eval_iterator(
-        self.config, process_index=jax.process_index(),
-        process_count=jax.process_count(), batch_size=self.eval_batch))
+    if self.eval_passes is None:
+      # Its worker processes serve every eval of the run, and are stopped
+      # with their shared memory when it ends (not at exit, where they leaked
+      # and delayed it).
+      self.eval_passes = data_lib.make_eval_iterator(
+          self.config, process_index=jax.process_index(),
+          process_count=jax.process_count(), batch_size=self.eval_batch,
+          passes=True)
+      cleanup.callback(self.eval_passes.close)
+    batches = self.eval_passes.one_pass()
     try:
-      last_eval = evaluate(self.eval_step, self.state, eval_batches, self.mesh)
+      last_eval = evaluate(self.eval_step, self.state, batches, self.mesh)
     finally:
-      # Its worker processes and their shared memory go now, not at exit
-      # (where they leaked and delayed it).
-      getattr(eval_batches, 'close', lambda: None)()
-      data_lib.pipeline.release_shared_memory()
+      batches.close()  # a pass cut short closes the workers' iterator
     self.last_eval = last_eval
     self.writer.write(self.step, last_eval)
     self.progress.message(
