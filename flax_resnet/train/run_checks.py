@@ -224,9 +224,10 @@ def check_memory(config, *, num_train: int, eval_batch: int,
         f'config.batch_size={config.batch_size}: the input pipeline holds up '
         f'to {train_held} batches of {config.batch_size // process_count} '
         f'{image} ({_size(train_bytes)}), more than the {_size(available)} of '
-        f'memory available; use batch_size <= {fits} (the train split has '
-        f'{num_train} examples; 256 is usual), or lower prefetch_batches / '
-        'worker_count.')
+        f'memory available; use batch_size <= {fits}'
+        + (f' (<= {num_train}, the train split, for batches of distinct '
+           'images)' if num_train < fits else '') +
+        ', or lower prefetch_batches / worker_count.')
   if train_bytes + eval_bytes > available:
     fits = _largest_batch(available - train_bytes, image_bytes * eval_held,
                           process_count, device_count)
