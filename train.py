@@ -191,6 +191,10 @@ def main(argv):
       pathlib.Path('runs') / pathlib.Path(config_file.split(':')[0]).stem)
   try:
     result = train.train_and_evaluate(_CONFIG.value, workdir)
+    # Everything is saved: a signal now just ends the process (not with the
+    # start-up handler's "nothing trained yet").
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   except (ValueError, LayoutMismatch, CheckpointError,
           train.NonFiniteLossError, InputWorkerError) as e:
     print(f'\nerror: {e}', file=sys.stderr)
