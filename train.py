@@ -9,17 +9,23 @@ environment jax can discover, also --coordinator_address=HOST:PORT
 """
 
 import logging as std_logging
+import os
 import pathlib
 import signal
 import sys
 
 
 def _stop_before_training(signum, frame):
-  """SIGTERM/SIGINT before the training loop takes them over: leave, exit 0."""
+  """SIGTERM/SIGINT before the training loop takes them over: leave, exit 0.
+
+  Nothing is open or written yet, so the process ends here and now: an
+  exception raised into an import of a C extension (jaxlib's) aborts it.
+  """
   del frame
   print(f'\nstopping early (signal {signum}) during startup: nothing trained '
         'yet, nothing to save.', file=sys.stderr, flush=True)
-  sys.exit(0)
+  sys.stdout.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -795,6 +795,26 @@ def test_a_deferred_phase_finishes_then_the_signal_stops_the_run():
   assert finished == [True]
 
 
+def test_a_signal_during_an_import_stops_the_run_after_it(tmp_path,
+                                                         monkeypatch):
+  """Raised into an import, the exception reached jaxlib's C initialisation,
+  which aborted train.py (rc -6): an import finishes first."""
+  (tmp_path / 'slow_module_under_signal.py').write_text(
+      'import os, signal, time\n'
+      'os.kill(os.getpid(), signal.SIGTERM)\n'
+      'deadline = time.time() + 0.3\n'
+      'while time.time() < deadline:\n'
+      '  pass\n'
+      'COMPLETE = True\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with signals.StopSignal() as stop:
+    with pytest.raises(signals.Interrupted):
+      with stop.interruptible('opening the dataset'):
+        import slow_module_under_signal  # pylint: disable=g-import-not-at-top,import-outside-toplevel,unused-import
+        time.sleep(5)
+  assert sys.modules['slow_module_under_signal'].COMPLETE
+
+
 def test_a_signal_taken_inside_a_destructor_is_delivered_again(monkeypatch):
   """The handler can run inside a gc callback or __del__ (jax has one), which
   drops its exception ("Exception ignored in ..."): it must still stop."""

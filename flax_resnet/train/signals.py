@@ -39,6 +39,14 @@ class Interrupted(BaseException):
     self.phase = phase
 
 
+def _importing(frame) -> bool:
+  while frame is not None:
+    if frame.f_code.co_filename.startswith('<frozen importlib'):
+      return True
+    frame = frame.f_back
+  return False
+
+
 class StopSignal:
   """SIGTERM/SIGINT -> Interrupted in interruptible phases, else a flag."""
 
@@ -67,12 +75,22 @@ class StopSignal:
       sys.unraisablehook = self._previous_unraisablehook
 
   def _handle(self, signum, frame):
-    del frame
     if self.received is None:
       self.received = signum
-    if self._interruptible:
-      self._interruptible = False  # raised once; unwinding is not interrupted
-      raise Interrupted(self.received, self.phase)
+    if not self._interruptible:
+      return
+    if _importing(frame):
+      # Raised into an import, the exception can reach a C extension's
+      # initialisation, which aborts the process (jaxlib's does): again
+      # once the import is done.
+      self._deliver_again()
+      return
+    self._interruptible = False  # raised once; unwinding is not interrupted
+    raise Interrupted(self.received, self.phase)
+
+  def _deliver_again(self):
+    # Not from the handler itself: its own lines would take it again at once.
+    threading.Timer(0.05, os.kill, (os.getpid(), self.received)).start()
 
   def _swallowed(self, unraisable):
     """The handler ran inside a gc callback or __del__, which dropped the
@@ -81,8 +99,7 @@ class StopSignal:
       self._previous_unraisablehook(unraisable)
       return
     self._interruptible = True
-    # Not from here: the hook's own lines would take (and drop) it again.
-    threading.Timer(0.05, os.kill, (os.getpid(), self.received)).start()
+    self._deliver_again()
 
   @contextlib.contextmanager
   def interruptible(self, phase: str):
