@@ -744,15 +744,16 @@ def test_signals_stop_every_phase_within_seconds_and_resume_exactly(
 
 def test_a_killed_input_worker_is_one_error_line_and_loses_no_step(
     scenarios):
-  """Issue 20: before, grain's RuntimeError traceback and leaked shared
-  memory; the steps trained since the last checkpoint were lost."""
+  """Issue 20: before, grain's RuntimeError traceback; the steps trained
+  since the last checkpoint were lost. (The segments the worker was filling:
+  test_segments_a_dead_worker_was_filling_are_unlinked.)"""
   outcome = scenarios.worker_kill.result()
   out = outcome['output']
   assert outcome['rc'] == 1, out[-3000:]
   error = out[out.index('error: '):]
   assert error.startswith('error: an input worker process died (killed by '
                           'signal 9 (SIGKILL)'), error
-  assert 'Traceback' not in out and 'leaked' not in out, out[-3000:]
+  assert 'Traceback' not in out, out[-3000:]
   step = max(outcome['step_dirs'])
   assert step == outcome['logged_step'], (outcome, out[-3000:])
   assert (f'Checkpoint at step {step} written' in error or
@@ -760,6 +761,35 @@ def test_a_killed_input_worker_is_one_error_line_and_loses_no_step(
   state, _ = restore_step(outcome['workdir'] / 'checkpoints', step)
   assert_states_equal(state, scenarios.reference_state(step),
                       'after the worker died')
+
+
+def test_segments_a_dead_worker_was_filling_are_unlinked(tmp_path,
+                                                        monkeypatch):
+  """A SIGKILLed worker's in-flight batch: only its noted name knows it."""
+  from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(pipeline._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(dead.stdout)
+  orphan = shared_memory.SharedMemory(create=True, size=64)
+  orphan.close()  # the dead worker's: mapped by no one
+  handed_over = shared_memory.SharedMemory(create=True, size=64)  # mapped here
+  of_a_live_worker = shared_memory.SharedMemory(create=True, size=64)
+  of_a_live_worker.close()
+  (tmp_path / str(dead_pid)).write_text(f'{orphan.name}\n{handed_over.name}')
+  (tmp_path / str(os.getpid())).write_text(of_a_live_worker.name)
+  try:
+    pipeline.release_shared_memory()
+    names = set(os.listdir('/dev/shm'))
+    assert orphan.name.lstrip('/') not in names
+    assert handed_over.name.lstrip('/') in names
+    assert of_a_live_worker.name.lstrip('/') in names
+    assert not (tmp_path / str(dead_pid)).exists()
+  finally:
+    handed_over.close()
+    handed_over.unlink()
+    shared_memory.SharedMemory(of_a_live_worker.name).unlink()
 
 
 def test_an_interruptible_phase_is_cut_short_at_once():

@@ -20,10 +20,12 @@ changing worker_count, prefetch_batches or process_count. It is a
 (`grain.checkpoint.CheckpointSave` / `CheckpointRestore`) saves it too.
 """
 
+import atexit
 import gc
 import math
 import os
 import re
+import shutil
 import signal
 from typing import Optional
 
@@ -387,6 +389,7 @@ def _read_ahead(ds: grain.MapDataset, worker_count: int,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=ahead,
                                             prefetch_buffer_size=ahead))
   if worker_count > 0:
+    _segments_folder()
     if not flags.FLAGS.is_parsed():
       # grain 0.2.18 reads one of its absl flags when it starts workers with
       # JAX loaded (google/grain#1355); programs that never parse flags (not
@@ -399,7 +402,7 @@ def _read_ahead(ds: grain.MapDataset, worker_count: int,
 
 
 def _leave_stopping(worker_index: int, worker_count: int) -> None:
-  """In a worker process: SIGINT/SIGTERM are for the main process.
+  """Starts a worker process: signals left to the main one, segments noted.
 
   Ctrl-C reaches the whole process group, and schedulers (SLURM, docker
   stop) signal every process of a job: a worker that died of it would turn
@@ -409,6 +412,85 @@ def _leave_stopping(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, signal.SIG_IGN)
+  folder = os.environ.get(_SEGMENTS_ENV)
+  if folder:
+    _note_new_segments(os.path.join(folder, str(os.getpid())))
+
+
+# A worker notes the names of the shared memory segments it creates last, so
+# that if it is killed, the main process can unlink the one it was filling
+# (no one else knows its name: Python's resource tracker would unlink it at
+# exit, warning of "leaked shared_memory objects").
+_SEGMENTS_ENV = 'FLAX_RESNET_WORKER_SEGMENTS'
+_SEGMENTS_NOTED = 16  # the newest; older ones were handed over
+
+
+def _note_new_segments(path: str) -> None:
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  register = resource_tracker.register
+  newest = []
+
+  def noting_register(name, rtype):
+    if rtype == 'shared_memory':
+      newest.append(name)
+      del newest[:-_SEGMENTS_NOTED]
+      with open(path + '.new', 'w') as f:
+        f.write('\n'.join(newest))
+      os.replace(path + '.new', path)
+    register(name, rtype)
+
+  resource_tracker.register = noting_register
+
+
+def _segments_folder() -> str:
+  """This process's folder of its workers' segment notes (made once)."""
+  folder = os.environ.get(_SEGMENTS_ENV)
+  if folder is None or not os.path.isdir(folder):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    folder = tempfile.mkdtemp(prefix='flax_resnet_segments_')
+    os.environ[_SEGMENTS_ENV] = folder  # inherited by the workers it spawns
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  return folder
+
+
+def _unlink_dead_workers_segments() -> None:
+  """Unlinks the segments workers that are gone had noted and not freed."""
+  folder = os.environ.get(_SEGMENTS_ENV)
+  if not folder or not os.path.isdir(folder) or not os.path.isdir('/proc'):
+    return  # (without /proc, whether a worker is gone is not known here)
+  from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+  held = _mapped_segments()
+  for note in os.listdir(folder):
+    if not note.isdigit() or _alive(int(note)):
+      continue
+    path = os.path.join(folder, note)
+    with open(path) as f:
+      names = f.read().split()
+    for name in names:
+      if name.lstrip('/') in held:
+        continue  # handed over: its array here unlinks it when deleted
+      try:
+        segment = shared_memory.SharedMemory(name)
+      except OSError:
+        continue  # freed by whoever received it
+      segment.close()
+      segment.unlink()  # also tells the resource tracker
+    os.remove(path)
+
+
+def _mapped_segments() -> set[str]:
+  """Names of the shared memory segments this process has mapped."""
+  with open('/proc/self/maps') as f:
+    return {line.rsplit('/dev/shm/', 1)[1].split()[0]
+            for line in f if '/dev/shm/' in line}
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (OSError, IndexError):
+    return False
 
 
 def release_shared_memory() -> None:
@@ -429,9 +511,9 @@ def release_shared_memory() -> None:
   gc.collect()
   arrays = shared_memory_array.SharedMemoryArray
   deleting = getattr(arrays, '_del_thread_pool', None)
-  if deleting is None:
-    return
-  deleting.close()
-  deleting.join()
-  # The next worker iterator starts a fresh deletion thread.
-  arrays._disable_async_del()  # pylint: disable=protected-access
+  if deleting is not None:
+    deleting.close()
+    deleting.join()
+    # The next worker iterator starts a fresh deletion thread.
+    arrays._disable_async_del()  # pylint: disable=protected-access
+  _unlink_dead_workers_segments()
