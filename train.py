@@ -9,8 +9,30 @@ environment jax can discover, also --coordinator_address=HOST:PORT
 """
 
 import logging as std_logging
+import os
 import pathlib
+import signal
 import sys
+
+
+def _stop_before_training(signum, frame):
+  """SIGTERM/SIGINT before the training loop takes them over: leave, exit 0.
+
+  Nothing is open or written yet, so the process ends here and now: an
+  exception raised into an import of a C extension (jaxlib's) aborts it.
+  """
+  del frame
+  print(f'\nstopping early (signal {signum}) during startup: nothing trained '
+        'yet, nothing to save.', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(0)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  # From the first line on (imports take seconds); the loop installs its own
+  # handlers for the run and gives these back after it.
+  for _signal in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signal, _stop_before_training)
 
 from absl import app
 from absl import flags
@@ -179,6 +201,7 @@ def main(argv):
   from flax_resnet.train import loop  # pylint: disable=g-import-not-at-top
   from flax_resnet.layout import LayoutMismatch  # pylint: disable=g-import-not-at-top
   from flax_resnet.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import InputWorkerError  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     # The persistent compilation cache must be on before the first compile,
     # and initialize() already compiles (its barrier).
@@ -199,8 +222,12 @@ def main(argv):
       pathlib.Path('runs') / pathlib.Path(config_file.split(':')[0]).stem)
   try:
     result = train.train_and_evaluate(_CONFIG.value, workdir)
+    # Everything is saved: a signal now just ends the process (not with the
+    # start-up handler's "nothing trained yet").
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   except (ValueError, LayoutMismatch, CheckpointError,
-          train.NonFiniteLossError) as e:
+          train.NonFiniteLossError, InputWorkerError) as e:
     print(f'\nerror: {e}', file=sys.stderr)
     sys.exit(1)
   except OSError as e:

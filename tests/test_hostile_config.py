@@ -15,6 +15,7 @@ import sys
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+import numpy as np
 import pytest
 
 from flax_resnet.train import config as config_lib
@@ -121,6 +122,31 @@ ISSUE_CASES = {
     'num_epochs_zero_from_epochs': ({'num_train_steps': -1, 'num_epochs': 0.0},
                                     'num_epochs', ['must be > 0']),
     'keep_best_int': ({'keep_best': 1}, 'keep_best', ['True or False']),
+    # Issue 20: an empty init_from was silently ignored (an unset variable).
+    'init_from_empty': ({'init_from': ''}, 'init_from', ['is empty']),
+    'init_from_blank': ({'init_from': '  '}, 'init_from', ['is empty']),
+    'skip_head_with_init_from_none_string': (
+        {'init_from': 'None', 'init_from_skip_head': True},
+        'init_from_skip_head', ['ignored']),
+    # Issue 20: values whose derived quantities overflow.
+    'image_size_100000': ({'image_size': 100000}, 'image_size',
+                          ['in [1, 8192]']),
+    'num_epochs_1e308': ({'num_train_steps': -1, 'num_epochs': 1e308},
+                         'num_epochs', ['in [0, 2147483647]']),
+    'warmup_epochs_1e308': ({'warmup_steps': -1, 'warmup_epochs': 1e308},
+                            'warmup_epochs', ['in [0, 2147483647]']),
+    'num_train_steps_past_int32': ({'num_train_steps': 2**31},
+                                   'num_train_steps', ['2147483647']),
+    'learning_rate_past_float32': ({'learning_rate': 1e39}, 'learning_rate',
+                                   ['overflows float32']),
+    'weight_decay_below_float32': ({'weight_decay': 1e-40}, 'weight_decay',
+                                   ['flushes to 0']),
+    'scaled_learning_rate_past_float32': (
+        {'learning_rate': 1e38, 'lr_scaling': 'linear', 'batch_size': 64,
+         'base_batch_size': 1}, 'learning_rate', ['overflows float32']),
+    'normalised_pixels_past_float32': (
+        {'std_rgb': (1e-37, 1.0, 1.0), 'mean_rgb': (1e37, 0.0, 0.0)},
+        'std_rgb', ['normalised pixels']),
     'reference_number': ({'reference': 3}, 'reference', ['string']),
 }
 
@@ -179,14 +205,41 @@ def test_out_of_range_numbers_are_refused_with_the_range(field, data):
   assert field.describe_range() in message, message
 
 
+FLOATS = [f for f in config_lib.FIELDS if f.kind == config_lib.FLOAT or (
+    f.kind == config_lib.NUMBERS and not f.integers)]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize('field', FLOATS, ids=[f.name for f in FLOATS])
+@FAST
+@given(magnitude=st.one_of(
+    st.floats(min_value=FLOAT32_MAX, exclude_min=True, allow_infinity=False),
+    st.floats(min_value=0, max_value=FLOAT32_TINY, exclude_min=True,
+              exclude_max=True)))
+def test_no_float_field_takes_a_value_float32_turns_into_inf_or_0(field,
+                                                                  magnitude):
+  """The run computes in float32: 1e39 becomes inf there, 1e-40 becomes 0."""
+  if field.kind == config_lib.NUMBERS:
+    value = (magnitude,) * (field.length or 1)
+    extra = {'schedule': 'piecewise'} if field.name.startswith(
+        'boundaries') else {}
+  else:
+    value, extra = magnitude, {}
+  refused({field.name: value, **extra}, field.name)
+
+
 def _inside(field):
   low, high, brackets = field.range
   if field.kind == config_lib.INT:
     return st.integers(
         min_value=None if low is None else low + (brackets[0] == '('),
         max_value=None if high is None else high - (brackets[1] == ')'))
+  # Floats the run computes with in float32: normal float32 values or 0.
+  if high is not None and float(np.float32(high)) > high:
+    high = float(np.nextafter(np.float32(high), np.float32(0)))
   return st.floats(min_value=low, max_value=high, allow_nan=False,
-                   allow_infinity=False,
+                   allow_infinity=False, width=32, allow_subnormal=False,
                    exclude_min=low is not None and brackets[0] == '(',
                    exclude_max=high is not None and brackets[1] == ')')
 
@@ -255,6 +308,15 @@ def test_misspelt_field_suggests_the_right_one(name, want):
   assert config_check.suggest(name) == f'Did you mean "{want}"? '
 
 
+@pytest.mark.parametrize('text', ['None', 'none', 'NONE'])
+def test_init_from_none_in_any_case_means_no_weights(text):
+  """absl gives --config.init_from=None as the string 'None'."""
+  config = fault_config(init_from=text)
+  config_check.validate_config(config)
+  assert config_check.init_from(config) is None
+  assert config_check.init_from(fault_config(init_from='w.pth')) == 'w.pth'
+
+
 @pytest.mark.parametrize('value', [-1, 1, 5])
 def test_minus_one_is_the_named_default_and_positive_steps_pass(value):
   for name in ('eval_every_steps', 'num_train_steps', 'warmup_steps'):
@@ -294,6 +356,19 @@ CLI_CASES = {
         ['--config.eval_every_steps=-7'],
         ['error: config.eval_every_steps: -7 is out of range',
          '-1 means EVERY_EPOCH']),
+    'batch_size_beyond_memory': (  # issue 20: hung at the pipeline start
+        ['--config.batch_size=1000000000'],
+        ['error: config.batch_size=1000000000: the input pipeline holds',
+         'memory available; use batch_size <= ']),
+    'image_size_100000': (  # issue 20: a PIL MemoryError traceback
+        ['--config.image_size=100000'],
+        ['error: config.image_size: 100000 is out of range']),
+    'num_epochs_1e308': (  # issue 20: an OverflowError traceback
+        ['--config.num_train_steps=-1', '--config.num_epochs=1e308'],
+        ['error: config.num_epochs: 1e+308 is out of range']),
+    'init_from_empty': (  # issue 20: trained from scratch without a word
+        ['--config.init_from='],
+        ["error: config.init_from: '' is empty (an unset shell variable?)"]),
     'process_id_out_of_range': (
         ['--distributed', '--num_processes=2', '--process_id=2',
          '--coordinator_address=localhost:1234'],

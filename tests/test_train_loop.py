@@ -4,14 +4,20 @@ import json
 import os
 import tempfile
 
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import jax
 import numpy as np
 import pytest
 
 from flax_resnet import layout as layout_lib
+from flax_resnet.data import pipeline
 from flax_resnet.train import checkpoint as checkpoint_lib
+from flax_resnet.train import config as config_lib
 from flax_resnet.train import config_check
 from flax_resnet.train import loop
+from flax_resnet.train import run_checks
 from flax_resnet.train.config import default_config
 
 
@@ -196,3 +202,212 @@ def test_rerun_in_a_finished_workdir_reports_its_eval_and_the_ways_on(
   assert 'rerun with a larger --config.num_train_steps' in out
   assert f'python -m flax_resnet.evaluate --weights {workdir}' in out
   assert 'in 0.' not in out and '== completed' not in out
+
+
+# ------------------------------- sizes, workers, workdirs (issues 18 and 20)
+
+
+def memory_config(**fields):
+  return digits_config(prefetch_batches=2, **fields)
+
+
+def check_memory(config, available, *, workers=0, process_count=1,
+                 device_count=1):
+  run_checks.check_memory(
+      config, num_train=1437,
+      eval_batch=run_checks.eval_batch_size(config, 360, device_count),
+      train_workers=workers, eval_workers=workers,
+      process_count=process_count, device_count=device_count,
+      available=available)
+
+
+def suggested(message: str, field: str) -> int:
+  return int(message.split(f'use {field} <= ')[1].split()[0].rstrip(',.'))
+
+
+@settings(max_examples=60, deadline=None)
+@given(image_size=st.integers(1, 8192), batch_size=st.integers(1, 2**31),
+       eval_batch_size=st.integers(1, 2**31), workers=st.integers(0, 8),
+       devices=st.sampled_from([1, 2, 8]),
+       available=st.integers(10**6, 10**12))
+def test_a_pipeline_too_big_for_memory_names_a_field_and_a_value_that_fits(
+    image_size, batch_size, eval_batch_size, workers, devices, available):
+  """Issue 20: batch_size=10**9 hung at the pipeline start (memory growing),
+  a huge eval_batch_size ended in numpy's MemoryError after 140 s."""
+  fields = {'image_size': image_size,
+            'batch_size': batch_size // devices * devices or devices,
+            'eval_batch_size': eval_batch_size // devices * devices or devices}
+  try:
+    check_memory(memory_config(**fields), available, workers=workers,
+                 device_count=devices)
+  except config_check.ConfigError as e:
+    message = str(e)
+    field = message.split('=')[0][len('config.'):]
+    assert field in fields, message
+    assert message.startswith(f'config.{field}={fields[field]}: '), message
+    assert f'{run_checks._size(available)} of memory available' in message  # pylint: disable=protected-access
+    fields[field] = suggested(message, field)
+    if field == 'image_size':
+      fields['batch_size'] = devices
+    # The value it suggests fits (the eval batch may still be refused next).
+    try:
+      check_memory(memory_config(**fields), available, workers=workers,
+                   device_count=devices)
+    except config_check.ConfigError as again:
+      assert not str(again).startswith(f'config.{field}='), (message, again)
+
+
+def test_batch_size_10_9_is_refused_before_anything_compiles(tmp_path):
+  with pytest.raises(config_check.ConfigError) as e:
+    loop.train_and_evaluate(digits_config(batch_size=10**9), str(tmp_path))
+  assert str(e.value).startswith('config.batch_size=1000000000: the input '
+                                 'pipeline holds up to'), str(e.value)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('eval_batch, devices, want', [
+    (10**9, 1, 360), (128, 1, 128), (10**9, 8, 360), (400, 16, 368)])
+def test_the_eval_batch_is_capped_at_the_split(eval_batch, devices, want):
+  """Past the split an eval batch is padding only (10**9 zero images)."""
+  config = digits_config(eval_batch_size=eval_batch)
+  assert run_checks.eval_batch_size(config, 360, devices) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(field=st.sampled_from(['num_epochs', 'warmup_epochs',
+                              'boundaries_epochs']),
+       epochs=st.floats(1, config_lib.MAX_STEPS), steps_per_epoch=st.integers(
+           1, 10**6))
+def test_step_counts_derived_from_epochs_fit_optax_int32(field, epochs,
+                                                         steps_per_epoch):
+  """Issue 20: num_epochs/warmup_epochs=1e308 gave OverflowError tracebacks;
+  below the schema's bound, epochs x steps per epoch can still overflow."""
+  config = digits_config(num_train_steps=-1, warmup_steps=-1,
+                         num_epochs=1.0, warmup_epochs=0.0)
+  if field == 'boundaries_epochs':
+    config.schedule = 'piecewise'
+    config.boundaries_epochs = (epochs,)
+  else:
+    config[field] = epochs
+  if epochs * steps_per_epoch <= config_lib.MAX_STEPS:
+    run_checks.run_length(config, steps_per_epoch)
+    return
+  with pytest.raises(config_check.ConfigError) as e:
+    run_checks.run_length(config, steps_per_epoch)
+  message = str(e.value)
+  assert message.startswith(f'config.{field}='), message
+  most = int(message.split('use at most ')[1].split()[0])
+  assert most * steps_per_epoch <= config_lib.MAX_STEPS
+
+
+def test_a_batch_larger_than_the_split_and_an_eval_every_step_warn_once(
+    caplog):
+  """Issue 18: 40 images, batch 256: no word, and an eval after every step."""
+  config = digits_config(batch_size=256, eval_every_steps=-1)
+  with caplog.at_level('WARNING'):
+    run_checks.warn_about_sizes(config, num_train=40, steps_per_epoch=1,
+                                eval_every=1, total_steps=30)
+  warnings = [r.getMessage() for r in caplog.records]
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith('config.batch_size=256 is larger than the '
+                                'train split (40 examples)'), warnings
+  assert 'evaluates after every one of its 30 steps' in warnings[1]
+  assert 'an epoch is 1 step' in warnings[1]
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    run_checks.warn_about_sizes(digits_config(), num_train=1437,
+                                steps_per_epoch=44, eval_every=6,
+                                total_steps=12)
+  assert not caplog.records
+
+
+@pytest.mark.parametrize('cpus, num_examples, batch, explicit, want', [
+    (2, 10**6, 256, None, 0),   # 2 cores: workers take them from XLA
+    (16, 10**6, 256, None, 8),  # capped
+    (6, 10**6, 256, None, 3),
+    (16, 40, 256, None, 0),     # issue 18: 40 images, batch 256
+    (16, 1024, 256, None, 0),   # four batches or fewer
+    (2, 10**6, 256, 4, 4),      # the user's count is kept
+    (16, 40, 256, 0, 0)])
+def test_worker_count_none_is_chosen_from_cpus_and_split_size(
+    monkeypatch, cpus, num_examples, batch, explicit, want):
+  monkeypatch.setattr(pipeline, 'usable_cpus', lambda: cpus)
+  config = digits_config(worker_count=explicit)
+  assert pipeline.worker_count(config, num_examples, batch) == want
+
+
+def test_the_default_worker_count_is_chosen_for_the_machine():
+  assert default_config().worker_count is None
+
+
+def write_metrics(workdir, steps):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': s, 'train_loss': 1.0}) + '\n' for s in steps))
+  return (workdir / 'metrics.jsonl').read_bytes()
+
+
+def test_a_workdir_with_another_runs_metrics_is_refused_untouched(tmp_path):
+  """Issue 20: another run's metrics.jsonl was erased without a word."""
+  before = write_metrics(tmp_path, range(1, 91))
+  with pytest.raises(config_check.ConfigError) as e:
+    loop.train_and_evaluate(digits_config(), str(tmp_path))
+  message = str(e.value)
+  assert message.startswith(f'--workdir {tmp_path} holds metrics.jsonl of a '
+                            'run that left no run.json and no checkpoint: '
+                            '90 records up to step 90'), message
+  assert 'Choose another --workdir, or delete' in message
+  assert (tmp_path / 'metrics.jsonl').read_bytes() == before
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_metrics_of_a_different_model_are_refused_naming_it(tmp_path):
+  config = digits_config()
+  spec = config_check.validate_config(config)
+  identity = run_checks.run_identity(config, spec)
+  run_checks.record_run(tmp_path, {**identity, 'model': 'resnet56'})
+  write_metrics(tmp_path, [1, 2])
+  with pytest.raises(config_check.ConfigError, match=(
+      r"holds metrics.jsonl of another run \(model: 'resnet56'\)")):
+    run_checks.check_workdir_owner(tmp_path, identity, has_checkpoints=False)
+
+
+def test_an_attempt_of_the_same_run_restarts_with_a_warning(tmp_path, caplog):
+  config = digits_config()
+  identity = run_checks.run_identity(config,
+                                     config_check.validate_config(config))
+  run_checks.record_run(tmp_path, identity)
+  write_metrics(tmp_path, [1, 2, 3])
+  with caplog.at_level('WARNING'):
+    run_checks.check_workdir_owner(tmp_path, identity, has_checkpoints=False)
+  assert 'dropping 3 records (up to step 3) of an earlier attempt' in (
+      caplog.text)
+  # With checkpoints, resuming decides (and names what differs).
+  run_checks.check_workdir_owner(tmp_path, {**identity, 'model': 'other'},
+                                 has_checkpoints=True)
+
+
+def test_eval_worker_processes_serve_every_pass_and_a_cut_pass_resets():
+  """Issue 18: each eval started its worker processes again (4.5 s for 4 on
+  2 cores, at every eval of a 40-image run)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  config = digits_config(worker_count=1, prefetch_batches=1)
+  passes = pipeline.make_eval_iterator(config, batch_size=128, passes=True)
+  reference = [b['label'] for b in pipeline.make_eval_iterator(
+      digits_config(), batch_size=128)]
+  me = psutil.Process()
+  try:
+    first = [b['label'] for b in passes.one_pass()]
+    workers = {p.pid for p in me.children()}
+    second = [b['label'] for b in passes.one_pass()]
+    assert {p.pid for p in me.children()} == workers  # the same processes
+    cut = passes.one_pass()
+    next(cut)
+    cut.close()  # e.g. a signal during the eval: the next pass starts over
+    third = [b['label'] for b in passes.one_pass()]
+  finally:
+    passes.close()
+  for labels in (first, second, third):
+    assert len(labels) == len(reference) == 3
+    for got, want in zip(labels, reference):
+      np.testing.assert_array_equal(got, want)

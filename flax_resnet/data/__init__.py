@@ -14,13 +14,15 @@ Preparing datasets (CIFAR, ImageNet, your own image folder):
 """
 
 from flax_resnet.data.digits import SklearnDigits
-from flax_resnet.data.pipeline import (TrainIterator, check_config,
-                                       make_eval_iterator, make_train_iterator)
+from flax_resnet.data.pipeline import (InputWorkerError, TrainIterator,
+                                       check_config, make_eval_iterator,
+                                       make_train_iterator)
 from flax_resnet.data.sources import (SYNTHETIC, DatasetInfo,
                                       DatasetNotFoundError, dataset_info)
 
 __all__ = [
-    'SYNTHETIC', 'DatasetInfo', 'DatasetNotFoundError', 'SklearnDigits',
+    'SYNTHETIC', 'DatasetInfo', 'DatasetNotFoundError', 'InputWorkerError',
+    'SklearnDigits',
     'TrainIterator', 'check_config', 'dataset_info', 'make_eval_iterator',
     'make_train_iterator', 'prepare',
 ]

@@ -20,8 +20,14 @@ changing worker_count, prefetch_batches or process_count. It is a
 (`grain.checkpoint.CheckpointSave` / `CheckpointRestore`) saves it too.
 """
 
+import atexit
 import gc
 import math
+import os
+import re
+import shutil
+import signal
+from typing import Optional
 
 from absl import flags
 import grain
@@ -63,14 +69,81 @@ def check_config(config, *, process_index: int = 0,
   if config.num_classes <= 0:
     raise ValueError(f'config.num_classes={config.num_classes} must be '
                      'positive.')
-  if config.worker_count < 0:
+  if config.worker_count is not None and config.worker_count < 0:
     raise ValueError(f'config.worker_count={config.worker_count}; use 0 (no '
-                     'worker processes) or more.')
+                     'worker processes), more, or None (chosen for you).')
   if config.prefetch_batches < 0:
     raise ValueError(f'config.prefetch_batches={config.prefetch_batches}; use '
                      '0 (no read-ahead) or more.')
   if not 0 <= config.seed < 2**32:
     raise ValueError(f'config.seed={config.seed} must be in [0, 2**32).')
+
+
+# config.worker_count=None: no worker processes for a split of at most this
+# many batches (starting one costs ~1 s of a core, more than such a split's
+# whole pass), nor below this many CPUs (the read-ahead threads decode in
+# parallel already, and worker processes take cores from XLA: issue 18 saw 30
+# steps take 218 s with 4 workers on 2 cores, 10 s with none).
+AUTO_WORKERS_MIN_BATCHES = 4
+AUTO_WORKERS_MIN_CPUS = 4
+AUTO_WORKERS_MAX = 8
+
+
+def usable_cpus() -> int:
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def worker_count(config, num_examples: int, batch_size: int) -> int:
+  """config.worker_count, or if None, a count for this machine and split.
+
+  Args:
+    config: the run config.
+    num_examples: examples this process reads per pass of the split.
+    batch_size: this process's batch.
+  """
+  if config.worker_count is not None:
+    return config.worker_count
+  cpus = usable_cpus()
+  if (num_examples <= AUTO_WORKERS_MIN_BATCHES * batch_size or
+      cpus < AUTO_WORKERS_MIN_CPUS):
+    return 0
+  return min(AUTO_WORKERS_MAX, cpus // 2)
+
+
+class InputWorkerError(RuntimeError):
+  """A worker process of the input pipeline died (killed or crashed)."""
+
+
+_WORKER_DIED = re.compile(
+    r'Worker process was terminated unexpectedly with exit code (-?\d+)')
+
+
+def input_worker_error(error: Exception):
+  """grain's error for a dead worker process as an InputWorkerError, or None.
+
+  grain 0.2.18 raises a RuntimeError with the exit code in its message (and
+  a traceback filtered of its frames); the message is all there is to go by.
+  """
+  match = _WORKER_DIED.search(str(error))
+  if match is None:
+    return None
+  code = int(match.group(1))
+  if code < 0:
+    try:
+      name = signal.Signals(-code).name
+    except ValueError:
+      name = 'unknown'
+    how = f'killed by signal {-code} ({name})'
+    if -code == signal.SIGKILL:
+      how += ', e.g. by the out-of-memory killer'
+  else:
+    how = f'exit code {code}'
+  return InputWorkerError(
+      f'an input worker process died ({how}); the input pipeline cannot go '
+      'on without its batches. If it recurs, lower config.worker_count or '
+      'config.batch_size (memory), or set worker_count=0.')
 
 
 def make_train_iterator(config, *, process_index: int = 0,
@@ -105,8 +178,12 @@ def make_train_iterator(config, *, process_index: int = 0,
   order = {'dataset': config.dataset, 'train_split': config.train_split,
            'num_examples': len(source), 'seed': config.seed,
            'batch_size': config.batch_size}
-  return TrainIterator(batches, order, worker_count=config.worker_count,
-                       prefetch_batches=config.prefetch_batches)
+  local_batch = config.batch_size // process_count
+  return TrainIterator(
+      batches, order,
+      worker_count=worker_count(config, len(source) // process_count,
+                                local_batch),
+      prefetch_batches=config.prefetch_batches)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -125,14 +202,21 @@ class TrainIterator(grain.DatasetIterator):
     super().__init__()
     self._batches = batches
     self._order = order
-    self._worker_count = worker_count
+    self.worker_count = worker_count
     self._prefetch_batches = prefetch_batches
     self._next_batch = 0
     self._running = None  # the grain iterator from _next_batch on, once begun
 
   def __next__(self):
     self._assert_not_closed()
-    batch = next(self._start())
+    try:
+      batch = next(self._start())
+    except RuntimeError as e:
+      died = input_worker_error(e)
+      if died is None:
+        raise
+      self._stop()  # its shared memory goes with the surviving workers
+      raise died from None
     self._next_batch += 1
     return batch
 
@@ -165,7 +249,7 @@ class TrainIterator(grain.DatasetIterator):
   def _start(self) -> grain.DatasetIterator:
     if self._running is None:
       self._running = iter(_read_ahead(
-          self._batches[self._next_batch:], self._worker_count,
+          self._batches[self._next_batch:], self.worker_count,
           self._prefetch_batches))
     return self._running
 
@@ -179,7 +263,9 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_eval_iterator(config, *, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
+                       process_count: int = 1,
+                       batch_size: Optional[int] = None,
+                       passes: bool = False):
   """Every example of config.eval_split exactly once across the processes.
 
   Process p reads examples p, p + process_count, ...; each process yields the
@@ -190,11 +276,15 @@ def make_eval_iterator(config, *, process_index: int = 0,
     config: the run config.
     process_index: this process's index (jax.process_index()).
     process_count: number of processes (jax.process_count()).
+    batch_size: the global batch, if not config.eval_batch_size (the loop
+      caps it at the split, see `run_checks.eval_batch_size`).
+    passes: return an `EvalPasses` instead, whose worker processes serve
+      every pass (each eval of a run) rather than starting for each.
 
   Returns:
     A re-iterable `grain.IterDataset` (each `iter()` is a fresh pass in the
     same order) of {'image': float32 (B, S, S, 3), 'label': int32 (B,),
-    'mask': bool (B,)} with B = config.eval_batch_size // process_count.
+    'mask': bool (B,)} with B = batch_size // process_count.
   """
   check_config(config, process_index=process_index,
                process_count=process_count)
@@ -202,12 +292,60 @@ def make_eval_iterator(config, *, process_index: int = 0,
   transform = preprocess.EvalPreprocess(
       preprocess.PreprocessOptions.from_config(config, 'eval_split'))
   transform.map({**source[0], 'mask': True})  # bad data fails here
-  batch_size = config.eval_batch_size // process_count
-  batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+  batch_size = (batch_size or config.eval_batch_size) // process_count
+  shard_size = math.ceil(len(source) / process_count)
+  batches = math.ceil(shard_size / batch_size)
   shard = PaddedShard(source, process_index, process_count,
                       batches * batch_size)
   ds = grain.MapDataset.source(shard).map(transform).batch(batch_size)
-  return _read_ahead(ds, config.worker_count, config.prefetch_batches)
+  workers = worker_count(config, shard_size, batch_size)
+  if passes:
+    return EvalPasses(_read_ahead(ds, workers, config.prefetch_batches),
+                      batches, workers)
+  return _read_ahead(ds, workers, config.prefetch_batches)
+
+
+class EvalPasses:
+  """Passes over a finite eval dataset; worker processes kept between them.
+
+  With worker processes, one repeated iterator serves every pass (grain
+  0.2.18 keeps the workers across the epochs of a `RepeatIterDataset`); a pass cut short (an
+  exception, a signal) closes it, so the next pass starts aligned. Without
+  workers each pass is a fresh iterator: nothing to keep.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, num_batches: int,
+               worker_count: int):
+    self._dataset = dataset
+    self._num_batches = num_batches
+    self._worker_count = worker_count
+    self._iterator = None
+
+  def one_pass(self):
+    """Yields the batches of one pass over the split."""
+    if not self._worker_count:
+      iterator = iter(self._dataset)
+      try:
+        yield from iterator
+      finally:
+        iterator.close()
+      return
+    if self._iterator is None:
+      self._iterator = iter(grain.experimental.RepeatIterDataset(self._dataset))
+    finished = False
+    try:
+      for _ in range(self._num_batches):
+        yield next(self._iterator)
+      finished = True
+    finally:
+      if not finished:
+        self.close()
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+    release_shared_memory()
 
 
 class PaddedShard:
@@ -251,6 +389,7 @@ def _read_ahead(ds: grain.MapDataset, worker_count: int,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=ahead,
                                             prefetch_buffer_size=ahead))
   if worker_count > 0:
+    _segments_folder()
     if not flags.FLAGS.is_parsed():
       # grain 0.2.18 reads one of its absl flags when it starts workers with
       # JAX loaded (google/grain#1355); programs that never parse flags (not
@@ -258,8 +397,100 @@ def _read_ahead(ds: grain.MapDataset, worker_count: int,
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count,
-        per_worker_buffer_size=max(1, ahead)))
+        per_worker_buffer_size=max(1, ahead)), worker_init_fn=_leave_stopping)
   return ds
+
+
+def _leave_stopping(worker_index: int, worker_count: int) -> None:
+  """Starts a worker process: signals left to the main one, segments noted.
+
+  Ctrl-C reaches the whole process group, and schedulers (SLURM, docker
+  stop) signal every process of a job: a worker that died of it would turn
+  the main process's orderly stop into an input failure. The main process
+  stops the workers when it closes the pipeline.
+  """
+  del worker_index, worker_count
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+  folder = os.environ.get(_SEGMENTS_ENV)
+  if folder:
+    _note_new_segments(os.path.join(folder, str(os.getpid())))
+
+
+# A worker notes the names of the shared memory segments it creates last, so
+# that if it is killed, the main process can unlink the one it was filling
+# (no one else knows its name: Python's resource tracker would unlink it at
+# exit, warning of "leaked shared_memory objects").
+_SEGMENTS_ENV = 'FLAX_RESNET_WORKER_SEGMENTS'
+_SEGMENTS_NOTED = 16  # the newest; older ones were handed over
+
+
+def _note_new_segments(path: str) -> None:
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  register = resource_tracker.register
+  newest = []
+
+  def noting_register(name, rtype):
+    if rtype == 'shared_memory':
+      newest.append(name)
+      del newest[:-_SEGMENTS_NOTED]
+      with open(path + '.new', 'w') as f:
+        f.write('\n'.join(newest))
+      os.replace(path + '.new', path)
+    register(name, rtype)
+
+  resource_tracker.register = noting_register
+
+
+def _segments_folder() -> str:
+  """This process's folder of its workers' segment notes (made once)."""
+  folder = os.environ.get(_SEGMENTS_ENV)
+  if folder is None or not os.path.isdir(folder):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    folder = tempfile.mkdtemp(prefix='flax_resnet_segments_')
+    os.environ[_SEGMENTS_ENV] = folder  # inherited by the workers it spawns
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  return folder
+
+
+def _unlink_dead_workers_segments() -> None:
+  """Unlinks the segments workers that are gone had noted and not freed."""
+  folder = os.environ.get(_SEGMENTS_ENV)
+  if not folder or not os.path.isdir(folder) or not os.path.isdir('/proc'):
+    return  # (without /proc, whether a worker is gone is not known here)
+  from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+  held = _mapped_segments()
+  for note in os.listdir(folder):
+    if not note.isdigit() or _alive(int(note)):
+      continue
+    path = os.path.join(folder, note)
+    with open(path) as f:
+      names = f.read().split()
+    for name in names:
+      if name.lstrip('/') in held:
+        continue  # handed over: its array here unlinks it when deleted
+      try:
+        segment = shared_memory.SharedMemory(name)
+      except OSError:
+        continue  # freed by whoever received it
+      segment.close()
+      segment.unlink()  # also tells the resource tracker
+    os.remove(path)
+
+
+def _mapped_segments() -> set[str]:
+  """Names of the shared memory segments this process has mapped."""
+  with open('/proc/self/maps') as f:
+    return {line.rsplit('/dev/shm/', 1)[1].split()[0]
+            for line in f if '/dev/shm/' in line}
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (OSError, IndexError):
+    return False
 
 
 def release_shared_memory() -> None:
@@ -280,9 +511,9 @@ def release_shared_memory() -> None:
   gc.collect()
   arrays = shared_memory_array.SharedMemoryArray
   deleting = getattr(arrays, '_del_thread_pool', None)
-  if deleting is None:
-    return
-  deleting.close()
-  deleting.join()
-  # The next worker iterator starts a fresh deletion thread.
-  arrays._disable_async_del()  # pylint: disable=protected-access
+  if deleting is not None:
+    deleting.close()
+    deleting.join()
+    # The next worker iterator starts a fresh deletion thread.
+    arrays._disable_async_del()  # pylint: disable=protected-access
+  _unlink_dead_workers_segments()

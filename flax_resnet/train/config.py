@@ -38,6 +38,16 @@ FROM_WARMUP_EPOCHS = -1  # warmup_steps: warm up for warmup_epochs epochs
 
 INT, FLOAT, STR, BOOL, NUMBERS = 'int', 'float', 'str', 'bool', 'numbers'
 
+# Upper bounds of fields whose derived quantities would otherwise overflow.
+# optax counts steps in int32, so no step count (num_train_steps, warmup and
+# schedule boundaries, also when derived from epochs) may exceed it; an epoch
+# is at least one step, so neither may an epoch count.
+MAX_STEPS = 2**31 - 1
+# PIL refuses images past 2 x Image.MAX_IMAGE_PIXELS (179 M pixels, 13377^2)
+# as decompression bombs, and one float32 image of 8192^2 is already 805 MB:
+# far past any ResNet input (224 to 600 px).
+MAX_IMAGE_SIZE = 8192
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:
@@ -75,6 +85,7 @@ _AT_LEAST_1 = (1, None, '[]')
 _AT_LEAST_0 = (0, None, '[]')
 _POSITIVE = (0, None, '()')
 _UNIT = (0, 1, '[)')
+_STEP_COUNT = (0, MAX_STEPS, '[]')
 
 FIELDS: tuple[Field, ...] = (
     # Model.
@@ -98,7 +109,7 @@ FIELDS: tuple[Field, ...] = (
     Field('num_classes', 1000, INT, 'classifier outputs; must match the '
           'dataset', range=_AT_LEAST_1),
     Field('image_size', 224, INT, 'training crop height and width',
-          range=_AT_LEAST_1),
+          range=(1, MAX_IMAGE_SIZE, '[]')),
     Field('augment', 'imagenet', STR,
           "'imagenet' (random-resized crop + flip), 'cifar' (pad 4 + crop + "
           "flip), 'none' (resize only)", choices=('imagenet', 'cifar', 'none')),
@@ -108,8 +119,9 @@ FIELDS: tuple[Field, ...] = (
           '(0..255 scale)', length=3),
     Field('std_rgb', _RGB_STD, NUMBERS, 'per-channel std divided by '
           '(0..255 scale), each > 0', length=3, range=_POSITIVE),
-    Field('worker_count', 4, INT, 'grain worker processes (0: in-process)',
-          range=_AT_LEAST_0),
+    Field('worker_count', None, INT, 'grain worker processes (0: in-process; '
+          'None: chosen from the CPUs and the split size)', range=_AT_LEAST_0,
+          nullable=True),
     Field('prefetch_batches', 2, INT, 'batches kept on the devices ahead',
           range=_AT_LEAST_0),
     Field('synthetic_num_examples', 1024, INT, "size of dataset='synthetic'",
@@ -120,9 +132,9 @@ FIELDS: tuple[Field, ...] = (
     Field('eval_batch_size', 256, INT, 'global eval batch',
           range=_AT_LEAST_1),
     Field('num_epochs', 90.0, FLOAT, 'epochs to train (unless '
-          'num_train_steps is set; then ignored)', range=_AT_LEAST_0),
+          'num_train_steps is set; then ignored)', range=_STEP_COUNT),
     Field('num_train_steps', FROM_EPOCHS, INT, 'steps to train',
-          range=_AT_LEAST_1,
+          range=(1, MAX_STEPS, '[]'),
           special={FROM_EPOCHS: 'FROM_EPOCHS: num_epochs decides'}),
     Field('optimizer', 'sgd', STR, 'the optax optimizer',
           choices=('sgd', 'adamw', 'lars')),
@@ -138,9 +150,9 @@ FIELDS: tuple[Field, ...] = (
     Field('schedule', 'cosine', STR, 'decay after warmup',
           choices=('cosine', 'piecewise', 'constant')),
     Field('warmup_epochs', 5.0, FLOAT, 'warmup length in epochs (unless '
-          'warmup_steps is set)', range=_AT_LEAST_0),
+          'warmup_steps is set)', range=_STEP_COUNT),
     Field('warmup_steps', FROM_WARMUP_EPOCHS, INT, 'warmup length in steps',
-          range=_AT_LEAST_0,
+          range=_STEP_COUNT,
           special={FROM_WARMUP_EPOCHS: 'FROM_WARMUP_EPOCHS: warmup_epochs '
                    'decides'}),
     Field('warmup_init_lr', 0.0, FLOAT, 'learning rate at step 0 of the '
@@ -148,10 +160,10 @@ FIELDS: tuple[Field, ...] = (
     Field('warmup_mode', 'linear', STR, "'linear' ramp, or 'constant' at "
           'warmup_init_lr', choices=('linear', 'constant')),
     Field('boundaries_steps', (), NUMBERS, "schedule='piecewise': steps "
-          'where lr is multiplied by decay_factor', range=_POSITIVE,
+          'where lr is multiplied by decay_factor', range=(0, MAX_STEPS, '(]'),
           integers=True),
     Field('boundaries_epochs', (), NUMBERS, "schedule='piecewise': the same "
-          'in epochs', range=_POSITIVE),
+          'in epochs', range=(0, MAX_STEPS, '(]')),
     Field('decay_factor', 0.1, FLOAT, 'piecewise decay factor',
           range=(0, 1, '(]')),
     Field('weight_decay', 1e-4, FLOAT, 'L2 / decoupled weight decay (0: off)',
@@ -176,7 +188,8 @@ FIELDS: tuple[Field, ...] = (
     Field('keep_best', True, BOOL, 'also keep the best checkpoint by eval '
           'top-1'),
     Field('init_from', None, STR, 'start from these weights: a torchvision '
-          '.pth/.safetensors or a training workdir', nullable=True),
+          ".pth/.safetensors or a training workdir; None (any case) for none, "
+          "'' is refused", nullable=True),
     Field('init_from_skip_head', False, BOOL, 'init_from: load all but the '
           'classifier'),
     # Evaluation and logging.

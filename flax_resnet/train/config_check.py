@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from typing import Optional
 
 import ml_collections
+import numpy as np
 
 from flax_resnet import references
 from flax_resnet.spec import ResNetSpec
@@ -18,6 +20,10 @@ PRECISIONS = {'float32': 'float32', 'bfloat16': 'bfloat16',
               'float16': 'float16'}
 # Kept for callers that list the choices; the schema in config.py owns them.
 CHOICES = {f.name: f.choices for f in config_lib.FIELDS if f.choices}
+# Float fields become float32 in the computation (schedules, optimizer,
+# normalisation): beyond these magnitudes they turn into inf or 0 there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 class ConfigError(ValueError):
@@ -76,6 +82,13 @@ def _number_problem(field: config_lib.Field, value, integer: bool):
     return f'{value!r} is not an integer.'
   if field.range is not None and not _in_range(field, value):
     return f'{value!r} is out of range: it must be {field.describe_range()}.'
+  if not integer and abs(value) > FLOAT32_MAX:
+    return (f'{value!r} overflows float32, which the run computes in '
+            f'(largest {FLOAT32_MAX:.4g}).')
+  if not integer and 0 < abs(value) < FLOAT32_TINY:
+    return (f'{value!r} is below the smallest normal float32 '
+            f'({FLOAT32_TINY:.4g}), which XLA flushes to 0; give 0 or a '
+            'larger value.')
   return None
 
 
@@ -162,6 +175,18 @@ def reference_name(config: ml_collections.ConfigDict, spec: ResNetSpec):
   return ref
 
 
+def init_from(config) -> Optional[str]:
+  """config.init_from, or None for no initial weights.
+
+  'None' in any case means None too: absl hands --config.init_from=None over
+  as that string, and no weights file or tag is called so.
+  """
+  value = config.init_from
+  if value is None or value.strip().lower() == 'none':
+    return None
+  return value
+
+
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
                     process_count: int = 1) -> ResNetSpec:
   """Checks every field, then the rules between fields; returns the spec.
@@ -184,6 +209,18 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
   peak = config.learning_rate * (
       config.batch_size / config.base_batch_size
       if config.lr_scaling == 'linear' else 1)
+  if peak > FLOAT32_MAX:
+    _fail('learning_rate', f'{config.learning_rate} x batch_size '
+          f'{config.batch_size} / base_batch_size {config.base_batch_size} '
+          f'(lr_scaling=linear) = {peak:.4g} overflows float32; lower '
+          'learning_rate or set lr_scaling=none.')
+  pixel_bound = max(max(abs(m), abs(255 - m)) / s for m, s in zip(
+      config.mean_rgb, config.std_rgb))
+  if pixel_bound > FLOAT32_MAX:
+    _fail('std_rgb', f'{tuple(config.std_rgb)} with mean_rgb '
+          f'{tuple(config.mean_rgb)}: normalised pixels (0..255 - mean) / std '
+          'overflow float32; use values on the 0..255 scale, e.g. the '
+          'defaults.')
   if config.warmup_init_lr > peak:
     _fail('warmup_init_lr', f'{config.warmup_init_lr} is above the peak '
           f'learning rate {peak:.4g} it warms up to; use a value in '
@@ -203,7 +240,12 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
         _fail(field, f'{tuple(config[field])} would be ignored: boundaries '
               f"apply only to schedule='piecewise' (schedule is "
               f"{config.schedule!r}). Set schedule='piecewise' or remove them.")
-  if config.init_from_skip_head and not config.init_from:
+  if isinstance(config.init_from, str) and not config.init_from.strip():
+    _fail('init_from', f'{config.init_from!r} is empty (an unset shell '
+          'variable?); give the weights to start from (a torchvision '
+          '.pth/.safetensors file, a training workdir, a URL or a registry '
+          'tag), or leave the field out to start from random weights.')
+  if config.init_from_skip_head and init_from(config) is None:
     _fail('init_from_skip_head', 'is True but config.init_from is not set, so '
           'it would be ignored; set init_from to the weights to load.')
   spec = model_spec(config)

@@ -7,9 +7,9 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import pathlib
-import signal
 import time
 from typing import Any, Optional
 
@@ -19,9 +19,6 @@ import ml_collections
 import numpy as np
 
 from flax_resnet import data as data_lib
-from flax_resnet import layout as layout_lib
-from flax_resnet import references
-from flax_resnet import zoo
 from flax_resnet.model import ResNet
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config_check
@@ -30,6 +27,8 @@ from flax_resnet.train import init_from
 from flax_resnet.train import metrics as metrics_lib
 from flax_resnet.train import optim
 from flax_resnet.train import parallel
+from flax_resnet.train import run_checks
+from flax_resnet.train import signals
 from flax_resnet.train import steps as steps_lib
 
 log = logging.getLogger(__name__)
@@ -69,28 +68,7 @@ def enable_compilation_cache(directory: str):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-class _StopSignal:
-  """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly."""
-
-  def __init__(self):
-    self.received: Optional[int] = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+check_layout = run_checks.check_layout  # pylint: disable=invalid-name
 
 
 @dataclasses.dataclass
@@ -101,42 +79,6 @@ class RunResult:
   train_metrics: dict[str, float]
   seconds: float
   workdir: str
-
-
-def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
-  """Prints the derived layout; stops on a mismatch with the reference."""
-  model = ResNet(spec)
-  size = config.image_size
-  layout = layout_lib.derive_layout(model, (1, size, size, 3), config.model)
-  ref = config_check.reference_name(config, spec)
-  if is_lead:
-    print(f'\n{config.model}: {layout.total_params:,} parameters, input '
-          f'{size}x{size}')
-    print(layout_lib.format_table(layout))
-  if ref is None:
-    if is_lead:
-      print('layout reference: none (config.reference=None), not checked')
-    return layout
-  entry_name = config.reference_model or config.model
-  # Reference tables are extracted at their library's native input size and
-  # with its own head (1000 ImageNet or 10 CIFAR classes); a run's class count
-  # is the dataset's choice, not an architecture difference.
-  entries = references.load(ref)['models']
-  ref_size = entries.get(entry_name, {}).get('input_size', size)
-  preset = zoo.PRESETS.get(entry_name)
-  ref_classes = preset.num_classes if preset is not None else spec.num_classes
-  checked = layout
-  if ref_size != size or ref_classes != spec.num_classes:
-    checked = layout_lib.derive_layout(
-        ResNet(dataclasses.replace(spec, num_classes=ref_classes)),
-        (1, ref_size, ref_size, 3), config.model)
-  layout_lib.check(checked, ref, entry_name, spec=spec)
-  if is_lead:
-    head_note = ('' if ref_classes == spec.num_classes else
-                 f'; head compared at the reference\'s {ref_classes} classes, '
-                 f'this run has {spec.num_classes}')
-    print(f'layout reference {ref} ({entry_name}): MATCH{head_note}\n')
-  return layout
 
 
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
@@ -171,9 +113,15 @@ def _truncate_metrics(path: pathlib.Path, last_step: int):
 
 def evaluate(eval_step, state, eval_iterator, mesh) -> dict[str, float]:
   totals = None
-  for batch in eval_iterator:
-    out = eval_step(state, parallel.global_batch(batch, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  try:
+    for batch in eval_iterator:
+      out = eval_step(state, parallel.global_batch(batch, mesh))
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  except RuntimeError as e:
+    died = data_lib.pipeline.input_worker_error(e)
+    if died is None:
+      raise
+    raise died from None
   totals = jax.device_get(totals)
   count = float(totals['count'])
   return {'eval_loss': float(totals['loss_sum']) / count,
@@ -188,56 +136,327 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   stop_after: leave after this many steps of this invocation, checkpointing as
   on SIGTERM (status 'preempted'): for time-boxed jobs and resume tests.
+  SIGTERM/SIGINT stop the run in any phase (signals.py), exit status
+  'preempted', with a checkpoint of any trained state none holds yet.
   One run per workdir: a second one is refused while this one holds its lock.
   """
-  with contextlib.ExitStack() as cleanup:
-    return _train_and_evaluate(config, workdir, stop_after, cleanup)
-
-
-def _check_workdir(workdir: str) -> pathlib.Path:
-  """The workdir, its checkpoints folder and metrics file can be used."""
-  if not str(workdir).strip():
-    raise config_check.ConfigError(
-        '--workdir is empty; give the folder for this run\'s checkpoints and '
-        'metrics, e.g. --workdir runs/my_run.')
-  workdir_path = pathlib.Path(workdir).expanduser().absolute()
-  metrics_path = workdir_path / 'metrics.jsonl'
-  if metrics_path.exists() and not metrics_path.is_file():
-    raise config_check.ConfigError(
-        f'{metrics_path} is not a file (a folder stands in its place); move '
-        'it away, or choose another --workdir.')
-  return workdir_path
-
-
-def _check_run_length(config, total_steps: int, steps_per_epoch: int):
-  if total_steps < 1:
-    raise config_check.ConfigError(
-        f'config.num_epochs={config.num_epochs} is {total_steps} steps of '
-        f'{steps_per_epoch} per epoch; train at least one step: raise '
-        f'num_epochs to >= {1 / steps_per_epoch:.3g} or set num_train_steps.')
-
-
-def _check_batch_norm_statistics(config, layout: layout_lib.Layout):
-  """torch refuses a train-mode BatchNorm over one value per channel; so do we."""
-  height, width = layout.blocks[-1].out_size if layout.blocks else (2, 2)
-  if config.batch_size * height * width < 2:
-    raise config_check.ConfigError(
-        f'config.batch_size={config.batch_size}: the last feature map is '
-        f'{height}x{width} at image_size={config.image_size}, so its '
-        'BatchNorms would see one value per channel in training (constant '
-        'logits, zero gradients). Use batch_size >= 2 or a larger image_size.')
-
-
-def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
   started = time.time()
-  mesh = parallel.create_mesh()
-  is_lead = jax.process_index() == 0
-  # Validation first: nothing below may compile before the config is known good.
-  spec = config_check.validate_config(
-      config, device_count=jax.device_count(),
-      process_count=jax.process_count())
-  info = data_lib.dataset_info(config)  # also checks num_classes and splits
-  workdir_path = _check_workdir(workdir)
+  run = _Run(config, stop_after)
+  # The handlers go last: nothing may stop the cleanup before them.
+  with signals.StopSignal() as stop:
+    with contextlib.ExitStack() as cleanup:
+      try:
+        with stop.interruptible('startup'):
+          run.prepare(workdir, cleanup, stop)
+        run.train(stop, cleanup)
+      except signals.Interrupted as e:
+        run.stop_early(e)
+      except data_lib.InputWorkerError as e:
+        raise data_lib.InputWorkerError(f'{e} {run.save_on_failure()}') from e
+  result = RunResult(step=run.step, status=run.status,
+                     eval_metrics=run.last_eval, train_metrics=run.last_train,
+                     seconds=time.time() - started,
+                     workdir=str(run.workdir_path or workdir))
+  if run.is_lead:
+    done_before = None
+    if run.ckpt is not None and run.status == 'completed':
+      done_before = finished.message(run.config, workdir, run.ckpt.directory,
+                                     run.start_step, run.total_steps)
+    print(done_before or summary(result, run.total_steps))
+  return result
+
+
+class _Run:
+  """One invocation of a run: what it has set up, trained and saved so far."""
+
+  def __init__(self, config, stop_after: Optional[int]):
+    self.config = config
+    self.stop_after = stop_after
+    self.is_lead = jax.process_index() == 0
+    self.workdir_path: Optional[pathlib.Path] = None
+    self.total_steps: Optional[int] = None
+    self.step = 0
+    self.saved_step = 0  # the newest step a checkpoint holds (0: none)
+    self.status = 'completed'
+    self.last_train: dict[str, float] = {}
+    self.last_eval: dict[str, float] = {}
+    self.state = None
+    self.ckpt = None
+    self.progress = None
+    self.eval_passes = None
+    self.window: list = []
+
+  def _say(self, text: str, level=logging.INFO):
+    if self.progress is not None:
+      self.progress.message(text, level)
+    elif self.is_lead:
+      log.log(level, text)
+
+  def prepare(self, workdir: str, cleanup: contextlib.ExitStack,
+              stop: signals.StopSignal):
+    """Everything before the first step; a signal may stop any of it."""
+    config = self.config
+    self.mesh = mesh = parallel.create_mesh()
+    process_count = jax.process_count()
+    # Validation first: nothing below may compile before the config is good.
+    spec = config_check.validate_config(
+        config, device_count=jax.device_count(), process_count=process_count)
+    stop.phase = 'opening the dataset'
+    info = data_lib.dataset_info(config)  # also checks num_classes and splits
+    self.workdir_path = workdir_path = run_checks.check_workdir(workdir)
+    with stop.deferred('checking the workdir'):
+      _check_writable(workdir_path)
+    checkpoint_lib.check_checkpoint_directory(workdir_path / 'checkpoints')
+    if self.is_lead:
+      with stop.deferred('taking the workdir lock'):
+        cleanup.enter_context(checkpoint_lib.WorkdirLock(workdir_path))
+    stop.phase = 'checking the layout'
+    run_checks.check_batch_norm_statistics(
+        config, run_checks.check_layout(config, spec, self.is_lead))
+    steps_per_epoch = max(1, info.num_train // config.batch_size)
+    self.total_steps = run_checks.run_length(config, steps_per_epoch)
+    self.eval_every = (config.eval_every_steps if config.eval_every_steps > 0
+                       else steps_per_epoch)
+    self.eval_batch = run_checks.eval_batch_size(config, info.num_eval,
+                                                 jax.device_count())
+    self.train_workers = data_lib.pipeline.worker_count(
+        config, info.num_train // process_count,
+        config.batch_size // process_count)
+    run_checks.check_memory(
+        config, num_train=info.num_train, eval_batch=self.eval_batch,
+        train_workers=self.train_workers,
+        eval_workers=data_lib.pipeline.worker_count(
+            config, math.ceil(info.num_eval / process_count),
+            self.eval_batch // process_count),
+        process_count=process_count, device_count=jax.device_count(),
+        available=run_checks.available_memory())
+    identity = run_checks.run_identity(config, spec)
+    run_checks.check_workdir_owner(
+        workdir_path, identity,
+        has_checkpoints=run_checks.has_step_folders(
+            workdir_path / 'checkpoints'))
+    if self.is_lead:
+      run_checks.warn_about_sizes(
+          config, num_train=info.num_train, steps_per_epoch=steps_per_epoch,
+          eval_every=self.eval_every, total_steps=self.total_steps)
+    enable_compilation_cache(config.compilation_cache_dir)
+
+    schedule = optim.create_schedule(config, steps_per_epoch,
+                                     self.total_steps)
+    tx = optim.create_optimizer(config, schedule)
+    model = ResNet(spec)
+    image_shape = (config.image_size, config.image_size, 3)
+    replicated = parallel.replicated(mesh)
+    batch_sharding = parallel.batch_sharding(mesh)
+    stop.phase = 'initialising the model'
+    init = jax.jit(functools.partial(
+        steps_lib.create_train_state, model, tx, image_shape=image_shape,
+        float16=config.precision == 'float16'), out_shardings=replicated)
+    state = init(jax.random.PRNGKey(config.seed))
+    self.meta = {'model': config.model, 'spec': repr(spec),
+                 'config': config.to_json_best_effort()}
+
+    self.ckpt = ckpt = checkpoint_lib.Checkpointer(
+        workdir_path / 'checkpoints', keep=config.keep_checkpoints,
+        keep_best=config.keep_best)
+    cleanup.callback(ckpt.close)
+    stop.phase = 'restoring the checkpoint'
+    restored = ckpt.restore_latest(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding), state), self.meta)
+    stop.phase = 'opening the train split'
+    self.train_iter = data_lib.make_train_iterator(
+        config, process_index=jax.process_index(), process_count=process_count)
+    # Stop the grain worker processes when leaving: left to interpreter exit,
+    # they are joined after a long timeout and leak their shared memory.
+    cleanup.callback(self.train_iter.close)
+    if restored is not None:
+      state, data_state, self.step = restored
+      self.train_iter.set_state(data_state)
+      self.saved_step = self.step
+      log.info('resumed from step %d in %s', self.step, ckpt.directory)
+    elif config_check.init_from(config) is not None:
+      stop.phase = 'loading config.init_from'
+      state = init_from.load_init_weights(config, spec, state)
+    self.start_step = self.step
+    self.state = state
+    if self.is_lead:
+      with stop.deferred('rewriting metrics.jsonl'):
+        run_checks.record_run(workdir_path, identity)
+        # Drop records of steps this run will train again, also when a run
+        # killed before its first checkpoint starts over from step 0.
+        _truncate_metrics(workdir_path / 'metrics.jsonl', self.step)
+
+    self.train_step = jax.jit(
+        functools.partial(steps_lib.train_step, num_classes=config.num_classes,
+                          label_smoothing=config.label_smoothing,
+                          learning_rate_fn=schedule),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated), donate_argnums=0,
+        compiler_options=steps_lib.compiler_options())
+    self.eval_step = jax.jit(
+        functools.partial(steps_lib.eval_step, num_classes=config.num_classes),
+        in_shardings=(replicated, batch_sharding), out_shardings=replicated,
+        compiler_options=steps_lib.compiler_options())
+    self.all_finite = jax.jit(lambda s: jnp.all(jnp.asarray([
+        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((s.params,
+                                                            s.batch_stats))])))
+    self.writer = metrics_lib.MetricWriter(workdir_path, enabled=self.is_lead)
+    cleanup.callback(self.writer.close)
+    self.progress = metrics_lib.Progress(
+        self.total_steps, self.step, config.progress_bar, enabled=self.is_lead)
+    cleanup.callback(self.progress.close)
+    self.prefetcher = parallel.DevicePrefetcher(self.train_iter, mesh,
+                                                config.prefetch_batches)
+    # The data state of the last step trained (the prefetcher's runs ahead
+    # when a signal cuts short fetching the next batch).
+    self.trained_data_state = self.prefetcher.state
+    self.window_start, self.window_time = self.step, time.time()
+
+  def flush(self):
+    """Fetch the window's metrics; stop on NaN/Inf before anything is saved."""
+    if not self.window:
+      return
+    config, step = self.config, self.step
+    fetched = jax.device_get(self.window)
+    bad = _first_nonfinite(self.window_start, fetched)
+    if bad is not None and config.halt_on_nonfinite:
+      bad_step, m = bad
+      kept, rerun = _last_good(self.ckpt)
+      raise NonFiniteLossError(
+          f'training diverged at step {bad_step + 1}: loss={m["loss"]}, '
+          f'grad_norm={m["grad_norm"]}, lr={m["lr"]:.4g}. The cause is '
+          'numerical blow-up (too high a learning rate, or fp16 overflow). '
+          f'{kept}. Lower config.learning_rate, set config.grad_clip_norm, '
+          f'or use precision=bfloat16, then {rerun}.')
+    elapsed = time.time() - self.window_time
+    last_train = {k: float(np.mean([m[k] for m in fetched]))
+                  for k in fetched[0]}
+    last_train['images_per_sec'] = (len(fetched) * config.batch_size /
+                                    max(elapsed, 1e-9))
+    self.last_train = last_train
+    self.writer.write(step, {f'train_{k}' if k in ('loss', 'top1') else k: v
+                             for k, v in last_train.items()})
+    self.progress.update(step, {'loss': last_train['loss'],
+                                'top1': last_train['top1']})
+    self.window, self.window_start, self.window_time = [], step, time.time()
+
+  def save(self, metrics=None):
+    if not bool(self.all_finite(self.state)):
+      kept, rerun = _last_good(self.ckpt)
+      raise NonFiniteLossError(
+          f'parameters are NaN/Inf at step {self.step}; not saving. The cause '
+          'is numerical blow-up in an update (too high a learning rate, or '
+          f'fp16 overflow). {kept}. Lower config.learning_rate, set '
+          f'config.grad_clip_norm, or use precision=bfloat16, then {rerun}.')
+    self.ckpt.save(self.step, self.state, self.trained_data_state, self.meta,
+                   metrics)
+    self.saved_step = self.step
+
+  def train(self, stop: signals.StopSignal, cleanup: contextlib.ExitStack):
+    config = self.config
+    compiled_step = None
+    if self.is_lead and self.step < self.total_steps:
+      workers = self.train_iter.worker_count
+      print('starting the input pipeline' + (
+          f' ({workers} worker processes)' if workers else '') + ' ...',
+            flush=True)
+    with self.mesh:
+      while self.step < self.total_steps:
+        with stop.interruptible('starting the input pipeline'
+                                if compiled_step is None else
+                                'waiting for the input pipeline'):
+          batch = next(self.prefetcher)
+        batch_state = self.prefetcher.state
+        if compiled_step is None:
+          with stop.interruptible('compiling the train step'):
+            compiled_step = _compile(self.train_step, 'train step',
+                                     self.is_lead, self.state, batch)
+          self.state, metrics = compiled_step(self.state, batch)
+          jax.block_until_ready(metrics)
+          self.progress.begin(self.step + 1)  # the ETA leaves compilation out
+        else:
+          self.state, metrics = compiled_step(self.state, batch)
+        self.trained_data_state = batch_state
+        self.window.append(metrics)
+        self.step = step = self.step + 1
+        at_eval = step % self.eval_every == 0 or step == self.total_steps
+        at_ckpt = step % config.checkpoint_every_steps == 0
+        leaving = stop.received is not None or (
+            self.stop_after is not None and
+            step - self.start_step >= self.stop_after)
+        if step % config.log_every_steps == 0 or at_eval or at_ckpt or leaving:
+          self.flush()
+        if at_eval:
+          with stop.interruptible('evaluation'):
+            self.evaluate(cleanup)
+          self.save({'eval_top1': self.last_eval['eval_top1']})
+        elif at_ckpt:
+          self.save()
+        if (leaving or stop.received) and step < self.total_steps:
+          if self.saved_step != step:
+            self.save()
+          self.status = 'preempted'
+          self._say(
+              'stopping early ({}): checkpoint at step {} written; rerun the '
+              'same command to resume.'.format(
+                  f'signal {stop.received}' if stop.received else
+                  'stop_after', step), logging.WARNING)
+          break
+
+  def evaluate(self, cleanup: contextlib.ExitStack):
+    eval_started = time.time()
+    if self.eval_passes is None:
+      # Its worker processes serve every eval of the run, and are stopped
+      # with their shared memory when it ends (not at exit, where they leaked
+      # and delayed it).
+      self.eval_passes = data_lib.make_eval_iterator(
+          self.config, process_index=jax.process_index(),
+          process_count=jax.process_count(), batch_size=self.eval_batch,
+          passes=True)
+      cleanup.callback(self.eval_passes.close)
+    batches = self.eval_passes.one_pass()
+    try:
+      last_eval = evaluate(self.eval_step, self.state, batches, self.mesh)
+    finally:
+      batches.close()  # a pass cut short closes the workers' iterator
+    self.last_eval = last_eval
+    self.writer.write(self.step, last_eval)
+    self.progress.message(
+        f'eval at step {self.step}: top1={last_eval["eval_top1"]:.4f} '
+        f'top5={last_eval["eval_top5"]:.4f} '
+        f'loss={last_eval["eval_loss"]:.4f} '
+        f'({int(last_eval["eval_examples"])} examples, '
+        f'{time.time() - eval_started:.1f} s)')
+
+  def _save_unsaved(self) -> str:
+    """Checkpoints trained state no checkpoint holds; says what it did."""
+    if self.state is None or self.step == self.saved_step:
+      if self.step:
+        return (f'nothing trained since the checkpoint at step {self.step}, '
+                'nothing to save')
+      return 'nothing trained yet, nothing to save'
+    self.flush()
+    self.save()
+    return f'checkpoint at step {self.step} written'
+
+  def stop_early(self, interrupted: signals.Interrupted):
+    self.status = 'preempted'
+    saved = self._save_unsaved()
+    self._say(f'stopping early (signal {interrupted.signum}) during '
+              f'{interrupted.phase}: {saved}; rerun the same command to '
+              'resume.', logging.WARNING)
+
+  def save_on_failure(self) -> str:
+    """After an input failure: keep what was trained, say what was kept."""
+    try:
+      saved = self._save_unsaved()
+    except Exception as e:  # pylint: disable=broad-except
+      return f'Saving step {self.step} failed too ({e}).'
+    return f'{saved[0].upper()}{saved[1:]}; rerun the same command to resume.'
+
+
+def _check_writable(workdir_path: pathlib.Path):
   try:
     workdir_path.mkdir(parents=True, exist_ok=True)
     # One name per process: processes sharing a workdir must not remove each
@@ -249,194 +468,6 @@ def _train_and_evaluate(config, workdir, stop_after, cleanup) -> RunResult:
     raise config_check.ConfigError(
         f'--workdir {workdir_path} is not writable ({e.strerror}); choose a '
         'folder you can write to.') from e
-  checkpoint_lib.check_checkpoint_directory(workdir_path / 'checkpoints')
-  if is_lead:
-    cleanup.enter_context(checkpoint_lib.WorkdirLock(workdir_path))
-  _check_batch_norm_statistics(config, check_layout(config, spec, is_lead))
-  enable_compilation_cache(config.compilation_cache_dir)
-
-  steps_per_epoch = max(1, info.num_train // config.batch_size)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0 else
-                 int(round(config.num_epochs * steps_per_epoch)))
-  _check_run_length(config, total_steps, steps_per_epoch)
-  eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
-                steps_per_epoch)
-  schedule = optim.create_schedule(config, steps_per_epoch, total_steps)
-  tx = optim.create_optimizer(config, schedule)
-  model = ResNet(spec)
-  image_shape = (config.image_size, config.image_size, 3)
-  replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
-
-  rng = jax.random.PRNGKey(config.seed)
-  init = jax.jit(functools.partial(
-      steps_lib.create_train_state, model, tx, image_shape=image_shape,
-      float16=config.precision == 'float16'), out_shardings=replicated)
-  state = init(rng)
-  meta = {'model': config.model, 'spec': repr(spec),
-          'config': config.to_json_best_effort()}
-
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir_path / 'checkpoints', keep=config.keep_checkpoints,
-      keep_best=config.keep_best)
-  restored = ckpt.restore_latest(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                  sharding=x.sharding), state),
-      meta)
-  train_iter = data_lib.make_train_iterator(
-      config, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  start_step = 0
-  if restored is not None:
-    state, data_state, start_step = restored
-    train_iter.set_state(data_state)
-    log.info('resumed from step %d in %s', start_step, ckpt.directory)
-  elif config.init_from:
-    state = init_from.load_init_weights(config, spec, state)
-  if is_lead:
-    # Drop records of steps this run will train again, also when a run killed
-    # before its first checkpoint starts over from step 0.
-    _truncate_metrics(workdir_path / 'metrics.jsonl', start_step)
-
-  train_step = jax.jit(
-      functools.partial(steps_lib.train_step, num_classes=config.num_classes,
-                        label_smoothing=config.label_smoothing,
-                        learning_rate_fn=schedule),
-      in_shardings=(replicated, batch_sharding),
-      out_shardings=(replicated, replicated), donate_argnums=0,
-      compiler_options=steps_lib.compiler_options())
-  eval_step = jax.jit(
-      functools.partial(steps_lib.eval_step, num_classes=config.num_classes),
-      in_shardings=(replicated, batch_sharding), out_shardings=replicated,
-      compiler_options=steps_lib.compiler_options())
-  all_finite = jax.jit(lambda s: jnp.all(jnp.asarray([
-      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((s.params,
-                                                          s.batch_stats))])))
-
-  writer = metrics_lib.MetricWriter(workdir_path, enabled=is_lead)
-  progress = metrics_lib.Progress(total_steps, start_step, config.progress_bar,
-                                  enabled=is_lead)
-  prefetcher = parallel.DevicePrefetcher(train_iter, mesh,
-                                         config.prefetch_batches)
-  window: list = []
-  window_start = start_step
-  window_time = time.time()
-  last_train: dict[str, float] = {}
-  last_eval: dict[str, float] = {}
-  step = start_step
-  status = 'completed'
-
-  def flush():
-    """Fetch the window's metrics; stop on NaN/Inf before anything is saved."""
-    nonlocal window, window_start, window_time, last_train
-    if not window:
-      return
-    fetched = jax.device_get(window)
-    bad = _first_nonfinite(window_start, fetched)
-    if bad is not None and config.halt_on_nonfinite:
-      bad_step, m = bad
-      kept, rerun = _last_good(ckpt)
-      raise NonFiniteLossError(
-          f'training diverged at step {bad_step + 1}: loss={m["loss"]}, '
-          f'grad_norm={m["grad_norm"]}, lr={m["lr"]:.4g}. The cause is '
-          'numerical blow-up (too high a learning rate, or fp16 overflow). '
-          f'{kept}. Lower config.learning_rate, set config.grad_clip_norm, '
-          f'or use precision=bfloat16, then {rerun}.')
-    elapsed = time.time() - window_time
-    last_train = {k: float(np.mean([m[k] for m in fetched])) for k in
-                  fetched[0]}
-    last_train['images_per_sec'] = (len(fetched) * config.batch_size /
-                                    max(elapsed, 1e-9))
-    writer.write(step, {f'train_{k}' if k in ('loss', 'top1') else k: v
-                        for k, v in last_train.items()})
-    progress.update(step, {'loss': last_train['loss'],
-                           'top1': last_train['top1']})
-    window, window_start, window_time = [], step, time.time()
-
-  def save(metrics=None):
-    if not bool(all_finite(state)):
-      kept, rerun = _last_good(ckpt)
-      raise NonFiniteLossError(
-          f'parameters are NaN/Inf at step {step}; not saving. The cause is '
-          'numerical blow-up in an update (too high a learning rate, or fp16 '
-          f'overflow). {kept}. Lower config.learning_rate, set '
-          'config.grad_clip_norm, or use precision=bfloat16, then '
-          f'{rerun}.')
-    ckpt.save(step, state, prefetcher.state, meta, metrics)
-
-  try:
-    with _StopSignal() as stop, mesh:
-      compiled_step = None
-      if is_lead and step < total_steps:
-        print('starting the input pipeline' + (
-            f' ({config.worker_count} worker processes)'
-            if config.worker_count else '') + ' ...', flush=True)
-      while step < total_steps:
-        batch = next(prefetcher)
-        if compiled_step is None:
-          compiled_step = _compile(train_step, 'train step', is_lead, state,
-                                   batch)
-          state, metrics = compiled_step(state, batch)
-          jax.block_until_ready(metrics)
-          progress.begin(step + 1)  # the ETA leaves compilation out
-        else:
-          state, metrics = compiled_step(state, batch)
-        window.append(metrics)
-        step += 1
-        at_eval = step % eval_every == 0 or step == total_steps
-        at_ckpt = step % config.checkpoint_every_steps == 0
-        leaving = stop.received is not None or (
-            stop_after is not None and step - start_step >= stop_after)
-        if step % config.log_every_steps == 0 or at_eval or at_ckpt or leaving:
-          flush()
-        if at_eval:
-          eval_started = time.time()
-          eval_batches = iter(data_lib.make_eval_iterator(
-              config, process_index=jax.process_index(),
-              process_count=jax.process_count()))
-          try:
-            last_eval = evaluate(eval_step, state, eval_batches, mesh)
-          finally:
-            # Its worker processes and their shared memory go now, not at
-            # exit (where they leaked and delayed it).
-            getattr(eval_batches, 'close', lambda: None)()
-            data_lib.pipeline.release_shared_memory()
-          writer.write(step, last_eval)
-          progress.message(
-              f'eval at step {step}: top1={last_eval["eval_top1"]:.4f} '
-              f'top5={last_eval["eval_top5"]:.4f} '
-              f'loss={last_eval["eval_loss"]:.4f} '
-              f'({int(last_eval["eval_examples"])} examples, '
-              f'{time.time() - eval_started:.1f} s)')
-          save({'eval_top1': last_eval['eval_top1']})
-        elif at_ckpt:
-          save()
-        if leaving and step < total_steps:
-          if not (at_eval or at_ckpt):
-            save()
-          status = 'preempted'
-          progress.message(
-              'stopping early ({}): checkpoint at step {} written; rerun the '
-              'same command to resume.'.format(
-                  f'signal {stop.received}' if stop.received else
-                  'stop_after', step), logging.WARNING)
-          break
-  finally:
-    # Stop the grain worker processes now: left to interpreter exit, they are
-    # joined after a long timeout and leak their shared memory.
-    train_iter.close()
-    ckpt.close()
-    progress.close()
-    writer.close()
-
-  result = RunResult(step=step, status=status, eval_metrics=last_eval,
-                     train_metrics=last_train,
-                     seconds=time.time() - started, workdir=str(workdir_path))
-  if is_lead:
-    print(finished.message(config, workdir, ckpt.directory, start_step,
-                           total_steps) or summary(result, total_steps))
-  return result
-
 
 def _compile(jitted, what: str, is_lead: bool, *args):
   """Compiles `jitted` for `args` ahead of time, saying so and how long."""
@@ -449,8 +480,9 @@ def _compile(jitted, what: str, is_lead: bool, *args):
   return compiled
 
 
-def summary(result: RunResult, total_steps: int) -> str:
-  lines = [f'\n== {result.status} at step {result.step}/{total_steps} in '
+def summary(result: RunResult, total_steps: Optional[int]) -> str:
+  of_total = f'/{total_steps}' if total_steps else ''
+  lines = [f'\n== {result.status} at step {result.step}{of_total} in '
            f'{result.seconds:.1f} s ({result.workdir}) ==']
   for name, metrics in (('train', result.train_metrics),
                         ('eval', result.eval_metrics)):
