@@ -43,13 +43,17 @@ CASES = {
 
 
 def measure(case: str, data_dir: str, worker_count: int, batches: int,
-            warmup_batches: int, prefetch_batches: int) -> dict:
-  """Times one configuration of the train iterator."""
+            warmup_batches: int, prefetch_batches: int, **overrides) -> dict:
+  """Times one configuration of the train iterator.
+
+  overrides: config fields to change in CASES[case] (device_check.py reads a
+  folder of JPEGs, `dataset='folder:ROOT'`, at the accelerator's batch size).
+  """
   config = base.get_config()
   config.update(CASES[case])
   config.update(dict(data_dir=data_dir, eval_split='train',
                      worker_count=worker_count,
-                     prefetch_batches=prefetch_batches))
+                     prefetch_batches=prefetch_batches, **overrides))
   start = time.perf_counter()
   iterator = data.make_train_iterator(config)
   try:

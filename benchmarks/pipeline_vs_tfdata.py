@@ -38,6 +38,8 @@ for _path in (_REPO, os.path.dirname(os.path.abspath(__file__))):
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_datasets  # registers the generated datasets
 import input_pipeline
+from machine import load_average
+from machine import machine_info
 from configs import base
 from flax_resnet import data
 import tensorflow as tf
@@ -163,7 +165,7 @@ def main() -> None:
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tfds.disable_progress_bar()
-  load_before = [round(x, 2) for x in os.getloadavg()]
+  load_before = load_average()
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or tmp
     data.prepare.prepare('bench_imagenet_jpeg', data_dir)
@@ -192,8 +194,8 @@ def main() -> None:
       'benchmark': 'pipeline_vs_tfdata', 'jpeg_size': [
           bench_datasets.JPEG_WIDTH, bench_datasets.JPEG_HEIGHT],
       'batch': BATCH, 'rounds': args.rounds, 'batches_per_round': args.batches,
-      'tensorflow': tf.__version__, 'load_average_before': load_before,
-      'load_average_after': [round(x, 2) for x in os.getloadavg()],
+      'tensorflow': tf.__version__, 'machine': machine_info(),
+      'load_average_before': load_before, 'load_average_after': load_average(),
   }
   for name in per_cpu:
     result[name] = {

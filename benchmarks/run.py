@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,11 @@ for _path in (_REPO, _HERE):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from machine import cpu_label
+from machine import load_average
+from machine import machine_info
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -192,29 +195,6 @@ def probe_main(args: argparse.Namespace) -> None:
                         peak_rss_mb=round(max_rss_mb()))))
 
 
-def machine_info() -> dict:
-  info = {'python': platform.python_version(), 'cpu_count': os.cpu_count()}
-  try:
-    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True,
-                           check=False).stdout
-    for line in lscpu.splitlines():
-      key, _, value = line.partition(':')
-      if key.strip() in ('Model name', 'Flags'):
-        value = value.strip()
-        if key.strip() == 'Flags':
-          value = ' '.join(f for f in value.split() if f.startswith(
-              ('avx', 'amx', 'fma')))
-        info[key.strip().lower().replace(' ', '_')] = value
-  except OSError:
-    pass
-  try:
-    with open('/proc/meminfo') as f:
-      info['mem_total_gb'] = round(int(f.readline().split()[1]) / 2**20, 1)
-  except OSError:
-    pass
-  return info
-
-
 def versions() -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -318,11 +298,9 @@ def pipeline(args: argparse.Namespace, nets: list[str],
   return out
 
 
-def load_average() -> list[float]:
-  return [round(x, 2) for x in os.getloadavg()]
-
-
 def print_table(results: dict) -> None:
+  print(f"CPU: {cpu_label(results['machine']['cpu'])}, "
+        f"{results['machine']['cpu_count']} cores")
   rows = [('net', 'phase', 'contestant', 'img/s', 'ratio', 'round ratio',
            'cpu ms/img')]
   for name, res in results['nets'].items():

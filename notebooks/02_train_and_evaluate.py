@@ -122,6 +122,9 @@ assert f'resumed from step {stop_at} in {workdir / "checkpoints"}' in ' '.join(
 assert second.status == 'completed' and second.step == total_steps, second
 accuracy = second.eval_metrics['eval_top1']
 assert second.eval_metrics['eval_examples'] == info.num_eval == 360
+# Seeds 0-4 with oneDNN's convolutions, 0-2 with XLA's and 0-2 with AVX2
+# kernels (other rounding, as on another CPU model): 98.3-99.4 % (seed 0: 99.44
+# on an Intel Xeon, 98.89 with XLA's convolutions); 0.9 is 30 digits below.
 assert accuracy >= 0.9, f'held-out accuracy {accuracy:.3f} < 0.9'
 print(f'held-out accuracy after {second.step} steps: {accuracy:.4f}')
 

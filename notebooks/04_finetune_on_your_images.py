@@ -62,6 +62,10 @@ if str(REPO) not in sys.path:
 import flax_resnet
 from flax_resnet import convert
 
+# One seed draws the demo pictures, the stand-in weights, the fresh head and
+# the batch order. CI runs 0; FLAX_RESNET_NOTEBOOK_SEED=N runs another draw
+# (how the spread quoted at the accuracy assert in section 5 was measured).
+SEED = int(os.environ.get('FLAX_RESNET_NOTEBOOK_SEED', '0'))
 WORK = pathlib.Path(tempfile.mkdtemp(prefix='finetune_'))
 # Downloads go to $FLAX_RESNET_CACHE (default ~/.cache/flax_resnet); here a
 # private folder, so the demo never touches or trusts an earlier cache.
@@ -112,7 +116,7 @@ def make_folder(root, per_split=(('train', 48), ('val', 16)), seed=0):
   return root
 
 
-DEMO_IMAGES = make_folder(WORK / 'my_pictures')
+DEMO_IMAGES = make_folder(WORK / 'my_pictures', seed=SEED)
 print(sorted(str(p.relative_to(DEMO_IMAGES)) for p in
              DEMO_IMAGES.glob('*/*'))[:6], '...')
 
@@ -126,7 +130,7 @@ print(sorted(str(p.relative_to(DEMO_IMAGES)) for p in
 stand_in = flax_resnet.create_model('resnet18')
 shapes = jax.eval_shape(lambda: stand_in.init(
     jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-rng = np.random.default_rng(0)
+rng = np.random.default_rng(SEED)
 
 
 def stand_in_value(path, leaf):
@@ -270,7 +274,7 @@ if DEMO:
 # weights step for step.)
 
 # %%
-model = flax_resnet.nnx.create_model('resnet18', rngs=nnx.Rngs(0),
+model = flax_resnet.nnx.create_model('resnet18', rngs=nnx.Rngs(SEED),
                                      variables=variables,
                                      num_classes=len(classes))
 x_probe = jnp.asarray(val_x[:4])
@@ -305,7 +309,7 @@ def evaluate(model, images, labels, batch=64):
   return float(np.mean(logits.argmax(-1) == labels)), logits
 
 
-rng = np.random.default_rng(0)
+rng = np.random.default_rng(SEED)
 history = {'step': [], 'loss': [], 'train_acc': [], 'val_step': [],
            'val_acc': []}
 val_acc_before, _ = evaluate(model, val_x, val_y)
@@ -339,10 +343,22 @@ ax_acc.legend()
 plt.show()
 
 first, last = np.mean(history['loss'][:5]), np.mean(history['loss'][-5:])
+print(f'train loss, mean of the first 5 steps {first:.3f}, of the last 5 '
+      f'{last:.3f}')
 assert last < 0.5 * first, (first, last)
 if DEMO:
-  # The patterns are easy; a fine-tune that learns gets nearly all right.
-  assert val_acc >= 0.9, val_acc
+  # The patterns are easy, and 30 steps take any run far above chance (1/3),
+  # but not to a fixed score: float rounding differs between CPU models (and
+  # kernels), and so does the trajectory. Measured on an Intel Xeon over
+  # FLAX_RESNET_NOTEBOOK_SEED 0-9 with oneDNN's convolutions, 0-6 with XLA's
+  # (FLAX_RESNET_ONEDNN=0) and 0-4 with both held to AVX2
+  # (ONEDNN_MAX_CPU_ISA=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2): top-1 after
+  # 0.896-1.000 (43-48 of 48; 0.896 for XLA seed 3, AVX2 seed 4, and seed 0
+  # on an AMD EPYC, where 0.9 failed), before 0.250-0.375, a gain of
+  # 0.54-0.75; the loss ratio above 0.007-0.29. So 0.8 is 4 pictures below
+  # the worst run, and 0.4 is 0.14 below the smallest gain.
+  assert val_acc >= 0.8, val_acc
+  assert val_acc - val_acc_before >= 0.4, (val_acc_before, val_acc)
 
 # %% [markdown]
 # ## 6. What it gets wrong, and where it is unsure

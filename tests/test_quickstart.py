@@ -21,6 +21,11 @@ def test_quickstart_reaches_95_percent_held_out(tmp_path):
   assert result.eval_metrics['eval_examples'] == 360
   print(f"quickstart: eval top-1 {result.eval_metrics['eval_top1']:.4f} "
         f'in {result.seconds:.1f} s')
+  # Not the README's 99.17 % (seed 0 on an Intel Xeon): float rounding differs
+  # between CPU models and kernels, and with it the trajectory. Measured on an
+  # Intel Xeon: seeds 0-7 with oneDNN's convolutions 98.33-99.44 %, seeds 0-3
+  # with XLA's (FLAX_RESNET_ONEDNN=0) 98.61-99.44 % (seed 0: 98.89), seeds 0-1
+  # with both held to AVX2 99.17 / 98.89 %. 95 % is 12 digits below the worst.
   assert result.eval_metrics['eval_top1'] >= 0.95
 
 

@@ -92,7 +92,11 @@ def test_end_to_end_run_writes_metrics_and_checkpoints(full_run):
   assert {'train_loss', 'train_top1', 'lr', 'images_per_sec'} <= set(train[0])
   assert {'eval_loss', 'eval_top1', 'eval_top5'} <= set(evals[0])
   assert all(np.isfinite(r['train_loss']) for r in train)
-  assert train[-1]['train_loss'] < train[0]['train_loss']
+  # It learns. Last/first step loss over seeds 0-9, with oneDNN's convs, XLA's
+  # (FLAX_RESNET_ONEDNN=0) and both held to AVX2 (other kernels, other
+  # rounding, as on another CPU model): 0.32-0.50 (seed 0: 0.37); the kernels
+  # move it by <= 0.3 %, the seeds by the rest.
+  assert train[-1]['train_loss'] < 0.75 * train[0]['train_loss']
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   steps = checkpoint_lib.Checkpointer(
       workdir / 'checkpoints', keep=3, keep_best=True).all_steps()
