@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
+
 from flax_resnet import cpu
 from flax_resnet.cpu import onednn
 
@@ -206,9 +208,8 @@ def test_without_the_extension_one_warning_line_and_xla_convs(tmp_path):
                           check=False)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == 'ok'
-  warnings = [l for l in result.stderr.splitlines() if 'oneDNN' in l]
-  assert len(warnings) == 1, result.stderr
-  assert 'oneDNN convolutions unavailable' in warnings[0]
+  conftest.assert_one_warning_after_one_notice(result.stderr, 'oneDNN')
+  assert 'oneDNN convolutions unavailable' in result.stderr
 
 
 @needs_onednn

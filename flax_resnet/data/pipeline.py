@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from typing import Optional
 
 from absl import flags
@@ -475,7 +476,39 @@ def _unlink_dead_workers_segments() -> None:
         continue  # freed by whoever received it
       segment.close()
       segment.unlink()  # also tells the resource tracker
+      _unlinked_for_dead_workers.add(name)
+      _forgive_second_unlinks()
     os.remove(path)
+
+
+# Segments unlinked above on behalf of a dead worker. One can still reach this
+# process after the check (a batch in flight on grain's queue), and its array
+# then unlinks it again when deleted: a FileNotFoundError that Python reports
+# as an "Exception ignored" traceback. (The resource tracker may still warn
+# at exit about such a name; it has nothing left to free.)
+_unlinked_for_dead_workers: set[str] = set()
+
+
+def _is_second_unlink(unraisable) -> bool:
+  error = unraisable.exc_value
+  return (isinstance(error, FileNotFoundError)
+          and error.filename in _unlinked_for_dead_workers
+          and getattr(unraisable.object, '__qualname__', '').startswith(
+              'SharedMemoryArray.'))
+
+
+def _forgive_second_unlinks() -> None:
+  """Drops exactly those reports; passes every other one on."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'forgives_second_unlinks', False):
+    return
+
+  def hook(unraisable):
+    if not _is_second_unlink(unraisable):
+      previous(unraisable)
+
+  hook.forgives_second_unlinks = True
+  sys.unraisablehook = hook
 
 
 def _mapped_segments() -> set[str]:
