@@ -10,6 +10,7 @@ ConfigError naming config.init_from, raised before the train step compiles.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -17,8 +18,10 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_resnet.train import checkpoint as checkpoint_lib
+from flax_resnet.train import config as config_lib
 from flax_resnet.train import config_check
 
 log = logging.getLogger(__name__)
@@ -154,6 +157,118 @@ def _fitted(reference, loaded, collection: str, config, where: str):
   return jax.tree_util.tree_map_with_path(
       lambda path, ref: jnp.asarray(got[jax.tree_util.keystr(path)],
                                     ref.dtype), reference)
+
+
+def registry_entry(config):
+  """The registry entry config.init_from names as a tag, else None.
+
+  Only looks it up: nothing is downloaded.
+  """
+  from flax_resnet import pretrained  # pylint: disable=g-import-not-at-top
+  value = config_check.init_from(config)
+  if value is None or os.path.exists(os.path.expanduser(value)):
+    return None
+  return pretrained._registry_entry(config.model, value)  # pylint: disable=protected-access
+
+
+def _source_run_config(path: pathlib.Path):
+  """The training config saved with the newest step of a workdir, its
+  checkpoints folder or one step folder; None for any other folder."""
+  steps = [path] if (path / 'meta').is_dir() else [
+      step for folder in (path / 'checkpoints', path) if folder.is_dir()
+      for step in folder.iterdir()
+      if step.name.isdigit() and (step / 'meta').is_dir()]
+  for step in sorted(steps, key=lambda p: int(p.name), reverse=True):
+    try:
+      meta = checkpoint_lib.load_meta(step.parent, int(step.name))
+      saved = meta['config']
+      config = config_lib.default_config()
+      config.update(json.loads(saved) if isinstance(saved, str) else saved)
+      return config
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+      continue  # a damaged step: loading falls back the same way
+  return None
+
+
+def _source_transform(config):
+  """(the eval transform the init_from weights were trained or published
+  with, words naming them), or None when unknown (a file, a URL)."""
+  from flax_resnet.pretrained import transforms  # pylint: disable=g-import-not-at-top
+  entry = registry_entry(config)
+  if entry is not None:
+    if entry.transform is None:
+      return None
+    return entry.transform, f'{entry.publisher} {entry.preset} {entry.tag}'
+  path = pathlib.Path(os.path.expanduser(config.init_from))
+  if not path.is_dir():
+    return None
+  source_config = _source_run_config(path)
+  if source_config is None:
+    return None
+  return transforms.from_config(source_config), f'the run in {path}'
+
+
+def _normalisation(transform) -> dict[str, Any]:
+  """A transform's normalisation as config fields: channel_order, and
+  mean_rgb / std_rgb on the 0..255 scale in R, G, B order."""
+  order = slice(None, None, -1 if transform.channels == 'BGR' else 1)
+  return {
+      'mean_rgb': tuple(m * transform.scale for m in transform.mean)[order],
+      'std_rgb': tuple(s * transform.scale for s in transform.std)[order],
+      'channel_order': transform.channels}
+
+
+def _same(want, have) -> bool:
+  if isinstance(want, str):
+    return want == have
+  return bool(np.allclose(want, have, rtol=1e-5, atol=1e-6))
+
+
+def _flag(field: str, value) -> str:
+  if isinstance(value, str):
+    return f'--config.{field}={value}'
+  return f'--config.{field}=({",".join(f"{v:.6g}" for v in value)})'
+
+
+def check_preprocessing(config) -> None:
+  """Refuses init_from weights trained on differently normalised inputs.
+
+  Published weights (a registry tag with a known transform) and a training
+  workdir (its saved config) state the normalisation they were trained with;
+  fine-tuning them on inputs of another mean, scale or channel order starts
+  from features that no longer fit. Raises ConfigError naming the fields and
+  the flags that match, unless config.init_from_check_preprocessing is False.
+  Resize and crop may differ (a legitimate choice): they are logged.
+  """
+  from flax_resnet.pretrained import transforms  # pylint: disable=g-import-not-at-top
+  if config_check.init_from(config) is None:
+    return
+  source = _source_transform(config)
+  if source is None:
+    return
+  source_transform, name = source
+  run_transform = transforms.from_config(config)
+  log.info('config.init_from: %s evaluates with %s; this run evaluates with '
+           '%s', name, source_transform.describe(), run_transform.describe())
+  want, have = _normalisation(source_transform), _normalisation(run_transform)
+  differ = [field for field in want if not _same(want[field], have[field])]
+  if not differ:
+    return
+  stated = ', '.join(f'{field} {_flag(field, want[field]).split("=", 1)[1]}'
+                     for field in differ)
+  yours = ', '.join(f'{field} {_flag(field, have[field]).split("=", 1)[1]}'
+                    for field in differ)
+  if not config.init_from_check_preprocessing:
+    log.warning('config.init_from: %s expects inputs normalised with %s; '
+                'this run uses %s (kept: init_from_check_preprocessing is '
+                'False).', name, stated, yours)
+    return
+  flags = ' '.join(_flag(field, want[field]) for field in differ)
+  raise _error(
+      f'{name} was trained on inputs normalised with {stated}, but this '
+      f'config normalises with {yours}, so fine-tuning would start from '
+      f'features of other inputs. Pass {flags} (0..255 scale, R, G, B order), '
+      'or --config.init_from_check_preprocessing=False to keep yours.')
 
 
 def load_init_weights(config, spec, state):
