@@ -9,18 +9,23 @@ its steps are in the test compilation cache.
 import ast
 import logging
 import re
+import shlex
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from flax_resnet import convert
+from flax_resnet import inference
+from flax_resnet import predict
 from flax_resnet import pretrained
 from flax_resnet.data import preprocess
 from flax_resnet.model import ResNet
 from flax_resnet.pretrained import Weights
 from flax_resnet.pretrained import transforms
+from flax_resnet.train import checkpoint
 from flax_resnet.train import config_check
 from flax_resnet.train import init_from
 from flax_resnet.train import loop
@@ -28,8 +33,8 @@ from fault_config import with_fields as fault_config  # tests/ is on sys.path
 
 TAG = 'TEST_PREPROCESSING'
 # The flags the refusal of a torchvision-normalised entry names.
-TORCHVISION_FLAGS = ('--config.mean_rgb=(123.675,116.28,103.53) '
-                     '--config.std_rgb=(58.395,57.12,57.375)')
+TORCHVISION_FLAGS = ("--config.mean_rgb='(123.675,116.28,103.53)' "
+                     "--config.std_rgb='(58.395,57.12,57.375)'")
 # A Keras 'caffe' rule at the digits' 8 px: BGR, 0..255 minus the caffe means.
 CAFFE_8PX = transforms.keras('caffe', 8)
 
@@ -70,10 +75,12 @@ def _refusal(config) -> str:
 
 
 def _apply_suggested_flags(config, message: str):
-  """Sets what the message's --config.FIELD=VALUE flags say, as absl would."""
+  """Sets what the message's --config.FIELD=VALUE flags say, as a shell and
+  absl would."""
   flags = re.findall(r'--config\.(\w+)=(\S+)', message.split(' or --')[0])
   assert flags, message
   for field, text in flags:
+    text = shlex.split(text)[0]
     config[field] = text if field == 'channel_order' else ast.literal_eval(
         text)
   return [field for field, _ in flags]
@@ -163,7 +170,7 @@ def test_a_workdir_trained_with_another_normalisation_is_refused(tmp_path):
       f'config.init_from: the run in {source} was trained on inputs '
       'normalised with mean_rgb (85,85,85), but this config normalises with '
       'mean_rgb (128,128,128),'), message
-  assert 'Pass --config.mean_rgb=(85,85,85) (0..255' in message
+  assert "Pass --config.mean_rgb='(85,85,85)' (0..255" in message
   assert _apply_suggested_flags(config, message) == ['mean_rgb']
   init_from.check_preprocessing(config)
   for folder in (source / 'checkpoints', source / 'checkpoints' / '2'):
@@ -178,8 +185,8 @@ def test_keras_caffe_weights_train_on_bgr_inputs_as_keras_makes_them(
   publish(CAFFE_8PX, publisher='keras')
   config = fault_config(init_from=TAG, num_train_steps=2)
   message = _refusal(config)
-  assert ('Pass --config.mean_rgb=(123.68,116.779,103.939) '
-          '--config.std_rgb=(1,1,1) --config.channel_order=BGR') in message
+  assert ("Pass --config.mean_rgb='(123.68,116.779,103.939)' "
+          "--config.std_rgb='(1,1,1)' --config.channel_order=BGR") in message
   _apply_suggested_flags(config, message)
   init_from.check_preprocessing(config)
 
@@ -205,3 +212,47 @@ def test_channel_order_is_validated():
     config_check.validate_config(fault_config(channel_order='GBR'))
   assert str(e.value) == ("config.channel_order: 'GBR' is not valid; choose "
                           "one of 'RGB', 'BGR'.")
+
+
+# ------------------------------------------------ provenance (issue 18 item 1)
+
+
+def test_a_run_records_the_published_weights_it_started_from_and_predict_names_them(
+    publish, weights_url, tmp_path, capsys):
+  publish(CAFFE_8PX, publisher='keras')
+  config = fault_config(init_from=TAG, num_train_steps=2,
+                        mean_rgb=(123.68, 116.779, 103.939),
+                        std_rgb=(1.0, 1.0, 1.0), channel_order='BGR')
+  run = tmp_path / 'run'
+  loop.train_and_evaluate(config, str(run))
+  meta = checkpoint.load_meta(run / 'checkpoints', 2)
+  assert meta[init_from.PROVENANCE_KEY] == {
+      'init_from': TAG, 'publisher': 'keras', 'preset': 'resnet20',
+      'tag': TAG, 'url': weights_url}
+
+  image = tmp_path / 'digit.png'
+  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+  assert predict.main([str(image), '--weights', str(run)]) == 0
+  header = capsys.readouterr().err.strip().splitlines()[-1]
+  assert header.startswith(
+      f'resnet20 from {run}/checkpoints, step 2 (initialised from keras '
+      f'resnet20 {TAG}); transform: resize both sides to 8 ')
+  assert '-> BGR, mean (103.939, 116.779, 123.68)' in header  # its own order
+
+  # A run started from that run names both links of the chain.
+  config = fault_config(init_from=str(run), num_train_steps=2,
+                        mean_rgb=(123.68, 116.779, 103.939),
+                        std_rgb=(1.0, 1.0, 1.0), channel_order='BGR')
+  loop.train_and_evaluate(config, str(tmp_path / 'second'))
+  loaded = inference.load(None, str(tmp_path / 'second'))
+  assert loaded.source.endswith(
+      f', step 2 (initialised from {run} (itself initialised from keras '
+      f'resnet20 {TAG}))')
+
+
+def test_a_run_from_random_weights_names_no_origin(tmp_path):
+  loop.train_and_evaluate(fault_config(num_train_steps=2), str(tmp_path))
+  assert init_from.PROVENANCE_KEY not in checkpoint.load_meta(
+      tmp_path / 'checkpoints', 2)
+  assert inference.load(None, str(tmp_path)).source == (
+      f'resnet20 from {tmp_path}/checkpoints, step 2')

@@ -26,6 +26,8 @@ from flax_resnet.train import config_check
 
 log = logging.getLogger(__name__)
 
+# The checkpoint metadata's key for `provenance(config)`.
+PROVENANCE_KEY = 'initialised_from'
 _URL_SCHEMES = ('http://', 'https://', 'file://')
 # The tree's metadata file in a folder orbax wrote one item into
 # (StandardCheckpointer); a training step's folder holds one per item below.
@@ -171,9 +173,9 @@ def registry_entry(config):
   return pretrained._registry_entry(config.model, value)  # pylint: disable=protected-access
 
 
-def _source_run_config(path: pathlib.Path):
-  """The training config saved with the newest step of a workdir, its
-  checkpoints folder or one step folder; None for any other folder."""
+def _source_run_meta(path: pathlib.Path) -> Optional[dict[str, Any]]:
+  """The metadata of the newest readable step of a workdir, its checkpoints
+  folder or one step folder; None for any other folder."""
   steps = [path] if (path / 'meta').is_dir() else [
       step for folder in (path / 'checkpoints', path) if folder.is_dir()
       for step in folder.iterdir()
@@ -181,13 +183,67 @@ def _source_run_config(path: pathlib.Path):
   for step in sorted(steps, key=lambda p: int(p.name), reverse=True):
     try:
       meta = checkpoint_lib.load_meta(step.parent, int(step.name))
-      saved = meta['config']
-      config = config_lib.default_config()
-      config.update(json.loads(saved) if isinstance(saved, str) else saved)
-      return config
-    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+    except (OSError, ValueError):
       continue  # a damaged step: loading falls back the same way
+    if isinstance(meta, dict):
+      return meta
   return None
+
+
+def _source_run_config(path: pathlib.Path):
+  """The training config saved with a source run's newest step, or None."""
+  meta = _source_run_meta(path)
+  try:
+    saved = meta['config']
+    config = config_lib.default_config()
+    config.update(json.loads(saved) if isinstance(saved, str) else saved)
+    return config
+  except (KeyError, TypeError, ValueError, AttributeError):
+    return None
+
+
+def provenance(config) -> Optional[dict[str, str]]:
+  """Where config.init_from's weights come from, for the checkpoint metadata:
+  the publisher, model and tag of a registry entry, the URL, or the absolute
+  path (and what a source run was itself initialised from). None without
+  init_from. Only looks up: nothing is downloaded."""
+  value = config_check.init_from(config)
+  if value is None:
+    return None
+  entry = registry_entry(config)
+  if entry is not None:
+    return {'init_from': value, 'publisher': entry.publisher,
+            'preset': entry.preset, 'tag': entry.tag, 'url': entry.url}
+  path = pathlib.Path(os.path.expanduser(value))
+  if not path.exists():
+    return {'init_from': value}  # a URL
+  record = {'init_from': value, 'path': str(path.resolve())}
+  source = _source_run_meta(path) if path.is_dir() else None
+  if source and isinstance(source.get(PROVENANCE_KEY), dict):
+    record['source_initialised_from'] = describe_provenance(
+        source[PROVENANCE_KEY])
+  return record
+
+
+def describe_provenance(record: dict[str, str]) -> str:
+  """'torchvision resnet50 IMAGENET1K_V2', a URL or a path, for headers."""
+  if 'tag' in record:
+    text = f'{record["publisher"]} {record["preset"]} {record["tag"]}'
+  else:
+    text = record.get('path', record.get('init_from', '?'))
+  if 'source_initialised_from' in record:
+    text += f' (itself initialised from {record["source_initialised_from"]})'
+  return text
+
+
+def origin_of_run(meta: dict[str, Any], config) -> Optional[str]:
+  """What a saved run was initialised from (describe_provenance), from its
+  checkpoint metadata, or its config.init_from for runs saved before the
+  metadata recorded it; None for a run that started from random weights."""
+  record = meta.get(PROVENANCE_KEY)
+  if isinstance(record, dict):
+    return describe_provenance(record)
+  return config_check.init_from(config)
 
 
 def _source_transform(config):
@@ -224,10 +280,17 @@ def _same(want, have) -> bool:
   return bool(np.allclose(want, have, rtol=1e-5, atol=1e-6))
 
 
-def _flag(field: str, value) -> str:
+def _value(value) -> str:
   if isinstance(value, str):
-    return f'--config.{field}={value}'
-  return f'--config.{field}=({",".join(f"{v:.6g}" for v in value)})'
+    return value
+  return f'({",".join(f"{v:.6g}" for v in value)})'
+
+
+def _flag(field: str, value) -> str:
+  """The flag, quoted for a shell where the value has parentheses."""
+  text = _value(value)
+  return f"--config.{field}='{text}'" if '(' in text else (
+      f'--config.{field}={text}')
 
 
 def check_preprocessing(config) -> None:
@@ -254,10 +317,8 @@ def check_preprocessing(config) -> None:
   differ = [field for field in want if not _same(want[field], have[field])]
   if not differ:
     return
-  stated = ', '.join(f'{field} {_flag(field, want[field]).split("=", 1)[1]}'
-                     for field in differ)
-  yours = ', '.join(f'{field} {_flag(field, have[field]).split("=", 1)[1]}'
-                    for field in differ)
+  stated = ', '.join(f'{field} {_value(want[field])}' for field in differ)
+  yours = ', '.join(f'{field} {_value(have[field])}' for field in differ)
   if not config.init_from_check_preprocessing:
     log.warning('config.init_from: %s expects inputs normalised with %s; '
                 'this run uses %s (kept: init_from_check_preprocessing is '

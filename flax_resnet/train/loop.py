@@ -256,6 +256,9 @@ class _Run:
     state = init(jax.random.PRNGKey(config.seed))
     self.meta = {'model': config.model, 'spec': repr(spec),
                  'config': config.to_json_best_effort()}
+    origin = init_from.provenance(config)
+    if origin is not None:  # kept by every step, also after a resume
+      self.meta[init_from.PROVENANCE_KEY] = origin
 
     self.ckpt = ckpt = checkpoint_lib.Checkpointer(
         workdir_path / 'checkpoints', keep=config.keep_checkpoints,
