@@ -152,6 +152,22 @@ def test_a_matching_normalisation_only_logs_both_transforms(publish, caplog):
       '(110, 110, 110)']
 
 
+@pytest.mark.parametrize('mean_rgb, std_rgb', [
+    ((123.68, 116.78, 103.94), (58.393, 57.12, 57.375)),  # TF's ImageNet
+    ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),  # the flags' rounding
+])
+def test_a_normalisation_within_a_grey_level_of_the_publishers_passes(
+    publish, mean_rgb, std_rgb, caplog):
+  publish(transforms.torchvision(256, 224))
+  config = fault_config(init_from=TAG, mean_rgb=mean_rgb, std_rgb=std_rgb)
+  with caplog.at_level(logging.WARNING, logger=init_from.__name__):
+    init_from.check_preprocessing(config)
+  assert not caplog.records
+  config.mean_rgb = (128.0, 128.0, 128.0)  # 4 grey levels off: refused
+  assert "Pass --config.mean_rgb='(123.675,116.28,103.53)' (0..255" in (
+      _refusal(config))
+
+
 def test_a_file_or_an_entry_without_a_transform_says_nothing(
     publish, weights_url, caplog):
   publish(None, publisher='user')
