@@ -262,7 +262,9 @@ def _load_workdir(model: Optional[str], path: pathlib.Path,
       transform=transforms.from_config(run.config),
       transform_source="the run's eval pipeline",
       categories=workdir_lib.run_categories(run.config),
-      source=f'{run.config.model} from {run.checkpoints}, step {run.step}',
+      source=f'{run.config.model} from {run.checkpoints}, step {run.step}' + (
+          f' (initialised from {run.initialised_from})'
+          if run.initialised_from else ''),
       run_config=run.config, step=run.step, workdir=run.directory)
 
 

@@ -38,6 +38,8 @@ class Run:
     config: the run's training config (ConfigDict).
     spec: the ResNetSpec it trained.
     variables: {'params': ..., 'batch_stats': ...} of that step.
+    initialised_from: what the run's initial weights were ('torchvision
+      resnet50 IMAGENET1K_V2', a path or a URL), or None (random init).
   """
   directory: pathlib.Path
   checkpoints: pathlib.Path
@@ -45,6 +47,7 @@ class Run:
   config: Any
   spec: Any
   variables: Any
+  initialised_from: Optional[str] = None
 
 
 def looks_like_workdir(weights: str) -> bool:
@@ -189,9 +192,11 @@ def read_run(path: pathlib.Path, checkpoint: str = 'latest',
   except ValueError as e:
     raise WorkdirError(f'--weights {path}: its config does not give a '
                        f'model ({e}).') from None
+  from flax_resnet.train import init_from  # pylint: disable=g-import-not-at-top
   return Run(directory=directory, checkpoints=folder, step=step,
              config=config, spec=spec,
-             variables=_restore_variables(folder, step, config, spec))
+             variables=_restore_variables(folder, step, config, spec),
+             initialised_from=init_from.origin_of_run(meta, config))
 
 
 def run_categories(config) -> Optional[tuple[str, ...]]:

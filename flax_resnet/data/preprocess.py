@@ -13,7 +13,8 @@ Evaluation: images already image_size x image_size are only normalised; with
 centre image_size crop kept; otherwise the image is resized to image_size.
 
 Everything ends normalised as (pixel - mean_rgb) / std_rgb in float32, with
-grayscale repeated to 3 channels. Random choices come from the generator grain
+grayscale repeated to 3 channels, in R, G, B order, or B, G, R with
+channel_order 'BGR' (Keras ResNet50 weights). Random choices come from the generator grain
 passes to `RandomMap.random_map`, seeded by (seed, position in the stream), so
 the output is deterministic and resumable.
 
@@ -50,6 +51,9 @@ CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 _MAX_PIXEL = 255.0
+# config.channel_order: output channel c is decoded (RGB) channel order[c].
+RGB_ORDER = [0, 1, 2]
+CHANNEL_ORDERS = {'RGB': RGB_ORDER, 'BGR': [2, 1, 0]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,7 @@ class PreprocessOptions:
   eval_crop_ratio: float
   mean_rgb: tuple[float, ...]
   std_rgb: tuple[float, ...]
+  channel_order: str = 'RGB'
 
   @classmethod
   def from_config(cls, config, split_field: str) -> 'PreprocessOptions':
@@ -75,6 +80,7 @@ class PreprocessOptions:
         eval_crop_ratio=config.eval_crop_ratio,
         mean_rgb=tuple(float(m) for m in config.mean_rgb),
         std_rgb=tuple(float(s) for s in config.std_rgb),
+        channel_order=config.channel_order,
     )
 
   @property
@@ -396,11 +402,13 @@ def eval_image(stored: StoredImage, options: PreprocessOptions) -> np.ndarray:
 
 
 class _Normalizer:
-  """(pixel - mean) / std in float32."""
+  """(pixel - mean) / std in float32, channels in options.channel_order."""
 
   def __init__(self, options: PreprocessOptions):
-    self._mean = np.asarray(options.mean_rgb, np.float32)
-    self._std = np.asarray(options.std_rgb, np.float32)
+    # Output channel c reads input channel order[c], against its own mean.
+    self._order = CHANNEL_ORDERS[options.channel_order]
+    self._mean = np.asarray(options.mean_rgb, np.float32)[self._order]
+    self._std = np.asarray(options.std_rgb, np.float32)[self._order]
     self._table = pixels.normalization_table(self._mean, self._std)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -411,7 +419,11 @@ class _Normalizer:
     return out
 
   def write(self, image: np.ndarray, out: np.ndarray) -> None:
-    """Normalises uint8 (H, W, 3) `image` into float32 `out` of its shape."""
+    """Normalises uint8 (H, W, 3) RGB `image` into float32 `out` of its
+    shape."""
+    if self._order != RGB_ORDER:
+      # The extension needs adjacent channels: one uint8 copy, reordered.
+      image = np.ascontiguousarray(image[..., self._order])
     if pixels.normalize_into(image, self._table, out):
       return
     # The same float32 operations, on rows against the constants tiled along

@@ -353,16 +353,20 @@ def from_config(config) -> EvalTransform:
   with augment 'imagenet' the box that "shorter side to image_size /
   eval_crop_ratio, centre crop" keeps, resized bilinearly (an image already
   image_size square is only normalised); otherwise the whole image resized
-  to image_size. Then (pixel - mean_rgb) / std_rgb.
+  to image_size. Then (pixel - mean_rgb) / std_rgb, in config.channel_order
+  (mean and std reordered with the channels).
   """
   size = int(config.image_size)
-  mean = tuple(float(m) for m in config.mean_rgb)
-  std = tuple(float(s) for s in config.std_rgb)
+  channels = config.get('channel_order', 'RGB')  # older runs' configs: RGB
+  order = slice(None, None, -1 if channels == 'BGR' else 1)
+  mean = tuple(float(m) for m in config.mean_rgb)[order]
+  std = tuple(float(s) for s in config.std_rgb)[order]
   if config.augment == 'imagenet':
     ratio = float(config.eval_crop_ratio)
     return EvalTransform(
         f'training config (augment imagenet, eval_crop_ratio {ratio:g})',
         'box', max(size, int(round(size / ratio))), size, scale=1.0,
-        mean=mean, std=std, crop_pct=ratio)
+        channels=channels, mean=mean, std=std, crop_pct=ratio)
   return EvalTransform(f'training config (augment {config.augment})',
-                       'exact', size, size, scale=1.0, mean=mean, std=std)
+                       'exact', size, size, scale=1.0, channels=channels,
+                       mean=mean, std=std)

@@ -119,6 +119,10 @@ FIELDS: tuple[Field, ...] = (
           '(0..255 scale)', length=3),
     Field('std_rgb', _RGB_STD, NUMBERS, 'per-channel std divided by '
           '(0..255 scale), each > 0', length=3, range=_POSITIVE),
+    Field('channel_order', 'RGB', STR, "channel order the model sees: 'BGR' "
+          "reverses the decoded RGB image (Keras ResNet50 'caffe' weights); "
+          'mean_rgb and std_rgb stay in R, G, B order',
+          choices=('RGB', 'BGR')),
     Field('worker_count', None, INT, 'grain worker processes (0: in-process; '
           'None: chosen from the CPUs and the split size)', range=_AT_LEAST_0,
           nullable=True),
@@ -192,6 +196,10 @@ FIELDS: tuple[Field, ...] = (
           "'' is refused", nullable=True),
     Field('init_from_skip_head', False, BOOL, 'init_from: load all but the '
           'classifier'),
+    Field('init_from_check_preprocessing', True, BOOL, 'init_from: refuse '
+          'published weights (a registry tag) or a workdir whose input '
+          'normalisation (mean_rgb, std_rgb, channel_order) differs from this '
+          "config's; False keeps yours"),
     # Evaluation and logging.
     Field('eval_every_steps', EVERY_EPOCH, INT, 'evaluate every N steps',
           range=_AT_LEAST_1,

@@ -248,6 +248,10 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int = 1,
   if config.init_from_skip_head and init_from(config) is None:
     _fail('init_from_skip_head', 'is True but config.init_from is not set, so '
           'it would be ignored; set init_from to the weights to load.')
+  if not config.init_from_check_preprocessing and init_from(config) is None:
+    _fail('init_from_check_preprocessing', 'is False but config.init_from is '
+          'not set, so it would be ignored; set init_from to the weights to '
+          'load, or leave the field out.')
   spec = model_spec(config)
   ref = reference_name(config, spec)
   if ref is not None and ref not in references.NAMES:

@@ -6,23 +6,39 @@ checksummed downloads), a training workdir (its newest readable step), a
 workdir's checkpoints folder or one step folder of it, or the folder that
 `python -m flax_resnet.convert MODEL FILE OUT_DIR` writes. Every problem is a
 ConfigError naming config.init_from, raised before the train step compiles.
+
+Before anything compiles, `check_preprocessing` refuses weights whose
+publisher (a registry tag) or source run (a workdir) normalised inputs
+otherwise than this config; `provenance` is what the checkpoints record as
+their origin.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import pathlib
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_resnet.train import checkpoint as checkpoint_lib
+from flax_resnet.train import config as config_lib
 from flax_resnet.train import config_check
 
 log = logging.getLogger(__name__)
 
+# Normalisations whose outputs differ by at most this (about one grey level
+# over a std of 58) count as the same: TF's ImageNet mean_rgb (123.68, 116.78,
+# 103.94) and std (58.393, 57.12, 57.375) differ from torchvision's by 0.009;
+# a mean of 128 with torchvision's std by 0.43, Keras' [-1, 1] by 1.64.
+MAX_INPUT_DIFFERENCE = 0.02
+# The checkpoint metadata's key for `provenance(config)`.
+PROVENANCE_KEY = 'initialised_from'
 _URL_SCHEMES = ('http://', 'https://', 'file://')
 # The tree's metadata file in a folder orbax wrote one item into
 # (StandardCheckpointer); a training step's folder holds one per item below.
@@ -154,6 +170,189 @@ def _fitted(reference, loaded, collection: str, config, where: str):
   return jax.tree_util.tree_map_with_path(
       lambda path, ref: jnp.asarray(got[jax.tree_util.keystr(path)],
                                     ref.dtype), reference)
+
+
+def registry_entry(config):
+  """The registry entry config.init_from names as a tag, else None.
+
+  Only looks it up: nothing is downloaded.
+  """
+  from flax_resnet import pretrained  # pylint: disable=g-import-not-at-top
+  value = config_check.init_from(config)
+  if value is None or os.path.exists(os.path.expanduser(value)):
+    return None
+  return pretrained._registry_entry(config.model, value)  # pylint: disable=protected-access
+
+
+def _source_run_meta(path: pathlib.Path) -> Optional[dict[str, Any]]:
+  """The metadata of the newest readable step of a workdir, its checkpoints
+  folder or one step folder; None for any other folder."""
+  steps = [path] if (path / 'meta').is_dir() else [
+      step for folder in (path / 'checkpoints', path) if folder.is_dir()
+      for step in folder.iterdir()
+      if step.name.isdigit() and (step / 'meta').is_dir()]
+  for step in sorted(steps, key=lambda p: int(p.name), reverse=True):
+    try:
+      meta = checkpoint_lib.load_meta(step.parent, int(step.name))
+    except (OSError, ValueError):
+      continue  # a damaged step: loading falls back the same way
+    if isinstance(meta, dict):
+      return meta
+  return None
+
+
+def _source_run_config(path: pathlib.Path):
+  """The training config saved with a source run's newest step, or None."""
+  meta = _source_run_meta(path)
+  try:
+    saved = meta['config']
+    config = config_lib.default_config()
+    config.update(json.loads(saved) if isinstance(saved, str) else saved)
+    return config
+  except (KeyError, TypeError, ValueError, AttributeError):
+    return None
+
+
+def provenance(config) -> Optional[dict[str, str]]:
+  """Where config.init_from's weights come from, for the checkpoint metadata:
+  the publisher, model and tag of a registry entry, the URL, or the absolute
+  path (and what a source run was itself initialised from). None without
+  init_from. Only looks up: nothing is downloaded."""
+  value = config_check.init_from(config)
+  if value is None:
+    return None
+  entry = registry_entry(config)
+  if entry is not None:
+    return {'init_from': value, 'publisher': entry.publisher,
+            'preset': entry.preset, 'tag': entry.tag, 'url': entry.url}
+  path = pathlib.Path(os.path.expanduser(value))
+  if not path.exists():
+    return {'init_from': value}  # a URL
+  record = {'init_from': value, 'path': str(path.resolve())}
+  source = _source_run_meta(path) if path.is_dir() else None
+  if source and isinstance(source.get(PROVENANCE_KEY), dict):
+    record['source_initialised_from'] = describe_provenance(
+        source[PROVENANCE_KEY])
+  return record
+
+
+def describe_provenance(record: dict[str, str]) -> str:
+  """'torchvision resnet50 IMAGENET1K_V2', a URL or a path, for headers."""
+  if 'tag' in record:
+    text = f'{record["publisher"]} {record["preset"]} {record["tag"]}'
+  else:
+    text = record.get('path', record.get('init_from', '?'))
+  if 'source_initialised_from' in record:
+    text += f' (itself initialised from {record["source_initialised_from"]})'
+  return text
+
+
+def origin_of_run(meta: dict[str, Any], config) -> Optional[str]:
+  """What a saved run was initialised from (describe_provenance), from its
+  checkpoint metadata, or its config.init_from for runs saved before the
+  metadata recorded it; None for a run that started from random weights."""
+  record = meta.get(PROVENANCE_KEY)
+  if isinstance(record, dict):
+    return describe_provenance(record)
+  return config_check.init_from(config)
+
+
+def _source_transform(config):
+  """(the eval transform the init_from weights were trained or published
+  with, words naming them), or None when unknown (a file, a URL)."""
+  from flax_resnet.pretrained import transforms  # pylint: disable=g-import-not-at-top
+  entry = registry_entry(config)
+  if entry is not None:
+    if entry.transform is None:
+      return None
+    return entry.transform, f'{entry.publisher} {entry.preset} {entry.tag}'
+  path = pathlib.Path(os.path.expanduser(config.init_from))
+  if not path.is_dir():
+    return None
+  source_config = _source_run_config(path)
+  if source_config is None:
+    return None
+  return transforms.from_config(source_config), f'the run in {path}'
+
+
+def _normalisation(transform) -> dict[str, Any]:
+  """A transform's normalisation as config fields: channel_order, and
+  mean_rgb / std_rgb on the 0..255 scale in R, G, B order."""
+  order = slice(None, None, -1 if transform.channels == 'BGR' else 1)
+  return {
+      'mean_rgb': tuple(m * transform.scale for m in transform.mean)[order],
+      'std_rgb': tuple(s * transform.scale for s in transform.std)[order],
+      'channel_order': transform.channels}
+
+
+def _input_difference(want: dict[str, Any], have: dict[str, Any]) -> float:
+  """Largest |difference| of two normalisations' outputs over pixel values
+  0..255 and channels (affine per channel: the extremes are at 0 and 255)."""
+  if want['channel_order'] != have['channel_order']:
+    return math.inf
+  pixels = np.array([[0.0], [255.0]])
+  outputs = [(pixels - np.asarray(n['mean_rgb'])) / np.asarray(n['std_rgb'])
+             for n in (want, have)]
+  return float(np.abs(outputs[0] - outputs[1]).max())
+
+
+def _same(want, have) -> bool:
+  if isinstance(want, str):
+    return want == have
+  return bool(np.allclose(want, have, rtol=1e-4, atol=1e-6))
+
+
+def _value(value) -> str:
+  if isinstance(value, str):
+    return value
+  return f'({",".join(f"{v:.6g}" for v in value)})'
+
+
+def _flag(field: str, value) -> str:
+  """The flag, quoted for a shell where the value has parentheses."""
+  text = _value(value)
+  return f"--config.{field}='{text}'" if '(' in text else (
+      f'--config.{field}={text}')
+
+
+def check_preprocessing(config) -> None:
+  """Refuses init_from weights trained on differently normalised inputs.
+
+  Published weights (a registry tag with a known transform) and a training
+  workdir (its saved config) state the normalisation they were trained with;
+  fine-tuning them on inputs of another mean, scale or channel order starts
+  from features that no longer fit. Raises ConfigError naming the fields and
+  the flags that match, unless config.init_from_check_preprocessing is False.
+  Resize and crop may differ (a legitimate choice): they are logged.
+  """
+  from flax_resnet.pretrained import transforms  # pylint: disable=g-import-not-at-top
+  if config_check.init_from(config) is None:
+    return
+  source = _source_transform(config)
+  if source is None:
+    return
+  source_transform, name = source
+  run_transform = transforms.from_config(config)
+  log.info('config.init_from: %s evaluates with %s; this run evaluates with '
+           '%s', name, source_transform.describe(), run_transform.describe())
+  want, have = _normalisation(source_transform), _normalisation(run_transform)
+  if _input_difference(want, have) <= MAX_INPUT_DIFFERENCE:
+    return
+  differ = [field for field in want
+            if not _same(want[field], have[field])] or list(want)
+  stated = ', '.join(f'{field} {_value(want[field])}' for field in differ)
+  yours = ', '.join(f'{field} {_value(have[field])}' for field in differ)
+  if not config.init_from_check_preprocessing:
+    log.warning('config.init_from: %s expects inputs normalised with %s; '
+                'this run uses %s (kept: init_from_check_preprocessing is '
+                'False).', name, stated, yours)
+    return
+  flags = ' '.join(_flag(field, want[field]) for field in differ)
+  raise _error(
+      f'{name} was trained on inputs normalised with {stated}, but this '
+      f'config normalises with {yours}, so fine-tuning would start from '
+      f'features of other inputs. Pass {flags} (0..255 scale, R, G, B order), '
+      'or --config.init_from_check_preprocessing=False to keep yours.')
 
 
 def load_init_weights(config, spec, state):

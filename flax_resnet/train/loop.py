@@ -231,10 +231,11 @@ class _Run:
         process_count=process_count, device_count=jax.device_count(),
         available=run_checks.available_memory())
     identity = run_checks.run_identity(config, spec)
-    run_checks.check_workdir_owner(
-        workdir_path, identity,
-        has_checkpoints=run_checks.has_step_folders(
-            workdir_path / 'checkpoints'))
+    resuming = run_checks.has_step_folders(workdir_path / 'checkpoints')
+    run_checks.check_workdir_owner(workdir_path, identity,
+                                   has_checkpoints=resuming)
+    if not resuming:  # a resumed run ignores init_from
+      init_from.check_preprocessing(config)
     if self.is_lead:
       run_checks.warn_about_sizes(
           config, num_train=info.num_train, steps_per_epoch=steps_per_epoch,
@@ -255,6 +256,9 @@ class _Run:
     state = init(jax.random.PRNGKey(config.seed))
     self.meta = {'model': config.model, 'spec': repr(spec),
                  'config': config.to_json_best_effort()}
+    origin = init_from.provenance(config)
+    if origin is not None:  # kept by every step, also after a resume
+      self.meta[init_from.PROVENANCE_KEY] = origin
 
     self.ckpt = ckpt = checkpoint_lib.Checkpointer(
         workdir_path / 'checkpoints', keep=config.keep_checkpoints,
