@@ -27,13 +27,13 @@ import os
 import re
 import shutil
 import signal
-import sys
 from typing import Optional
 
 from absl import flags
 import grain
 import numpy as np
 
+from flax_resnet import unraisable
 from flax_resnet.data import preprocess
 from flax_resnet.data import sources
 
@@ -489,26 +489,16 @@ def _unlink_dead_workers_segments() -> None:
 _unlinked_for_dead_workers: set[str] = set()
 
 
-def _is_second_unlink(unraisable) -> bool:
-  error = unraisable.exc_value
+def _is_second_unlink(report) -> bool:
+  error = report.exc_value
   return (isinstance(error, FileNotFoundError)
           and error.filename in _unlinked_for_dead_workers
-          and getattr(unraisable.object, '__qualname__', '').startswith(
+          and getattr(report.object, '__qualname__', '').startswith(
               'SharedMemoryArray.'))
 
 
 def _forgive_second_unlinks() -> None:
-  """Drops exactly those reports; passes every other one on."""
-  previous = sys.unraisablehook
-  if getattr(previous, 'forgives_second_unlinks', False):
-    return
-
-  def hook(unraisable):
-    if not _is_second_unlink(unraisable):
-      previous(unraisable)
-
-  hook.forgives_second_unlinks = True
-  sys.unraisablehook = hook
+  unraisable.drop(_is_second_unlink)
 
 
 def _mapped_segments() -> set[str]:

@@ -25,7 +25,6 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 import time
 import traceback
 from typing import Any, Optional
@@ -37,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flax_resnet import unraisable
 from flax_resnet.train import compat
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _root_cause(error: BaseException) -> BaseException:
   return error
 
 
-def _is_abandoned_read(unraisable) -> bool:
+def _is_abandoned_read(report) -> bool:
   """An error from orbax's other array reads after one read already failed.
 
   Orbax reads the arrays of a restore concurrently on its own event loop and
@@ -133,14 +133,14 @@ def _is_abandoned_read(unraisable) -> bool:
   exception: dozens of tracebacks after the one warning that names the
   damaged step, for a fallback that worked.
   """
-  owner = getattr(unraisable.object, '__qualname__', None)
+  owner = getattr(report.object, '__qualname__', None)
   if owner == '_read_array_index_and_device_put':
     return True
-  error = unraisable.exc_value
+  error = report.exc_value
   if not (isinstance(error, RuntimeError)
           and str(error) == 'Event loop is closed'):
     return False
-  frames = traceback.extract_tb(unraisable.exc_traceback)
+  frames = traceback.extract_tb(report.exc_traceback)
   return any(f.name == 'call_soon_threadsafe'
              and f.filename.endswith(os.path.join('asyncio', 'base_events.py'))
              for f in frames)
@@ -161,19 +161,9 @@ def _drop_abandoned_reads() -> None:
   """From now on, drop the reports `_is_abandoned_read` recognises.
 
   Installed once a restore has failed on a damaged array (the reports come
-  later, from other threads and the garbage collector); every other
-  unraisable exception goes to the hook that was there before.
+  later, from other threads and the garbage collector).
   """
-  previous = sys.unraisablehook
-  if getattr(previous, 'drops_abandoned_orbax_reads', False):
-    return
-
-  def hook(unraisable):
-    if not _is_abandoned_read(unraisable):
-      previous(unraisable)
-
-  hook.drops_abandoned_orbax_reads = True
-  sys.unraisablehook = hook
+  unraisable.drop(_is_abandoned_read)
 
 
 # How tensorstore (which writes the arrays) reports an OS error.
