@@ -17,7 +17,6 @@ from flax_resnet.data import imagenet_source
 from flax_resnet.data.prepare import prepare
 from flax_resnet.pretrained import Weights, categories, transforms
 import inference_runs
-from inference_runs import registered  # pylint: disable=unused-import
 import upstream_archives as ua
 
 

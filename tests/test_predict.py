@@ -17,7 +17,6 @@ from flax_resnet.pretrained import Weights, transforms
 from flax_resnet.data import builders, digits
 import inference_runs
 from test_faults import flip_a_byte
-from inference_runs import registered  # pylint: disable=unused-import
 
 
 def run_main(capsys, *argv):
