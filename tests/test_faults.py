@@ -767,8 +767,8 @@ def test_segments_a_dead_worker_was_filling_are_unlinked(tmp_path,
                                                         monkeypatch):
   """A SIGKILLed worker's in-flight batch: only its noted name knows it."""
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
-  from flax_resnet.data import pipeline  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(pipeline._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
+  from flax_resnet.data import worker_memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(worker_memory._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)
   dead_pid = int(dead.stdout)
@@ -780,7 +780,7 @@ def test_segments_a_dead_worker_was_filling_are_unlinked(tmp_path,
   (tmp_path / str(dead_pid)).write_text(f'{orphan.name}\n{handed_over.name}')
   (tmp_path / str(os.getpid())).write_text(of_a_live_worker.name)
   try:
-    pipeline.release_shared_memory()
+    worker_memory.release_shared_memory()
     names = set(os.listdir('/dev/shm'))
     assert orphan.name.lstrip('/') not in names
     assert handed_over.name.lstrip('/') in names
