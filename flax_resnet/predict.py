@@ -41,12 +41,10 @@ def image_paths(arguments: Sequence[str]) -> list[str]:
   for argument in arguments:
     path = os.path.expanduser(argument)
     if os.path.isdir(path):
-      found = []
-      for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(image_folder.EXTENSIONS)
-                     and not f.startswith('.'))
+      try:
+        found = image_folder.images_below(path)
+      except image_folder.SourceError as e:
+        raise inference.UsageError(f'IMAGE {argument}: {e}') from None
       if not found:
         raise inference.UsageError(
             f'IMAGE {argument}: the folder holds no images '

@@ -350,3 +350,15 @@ def test_batch_size_beyond_memory_is_refused_naming_the_largest_that_fits(
   assert code == 2 and not out
   assert err.count('error:') == 1 and 'Traceback' not in err
   assert '--batch_size 5:' in err and 'use --batch_size <= 4' in err, err
+
+
+def test_a_symlink_loop_in_an_image_folder_is_walked_once(tmp_path):
+  # os.walk(followlinks=True) went round cat/again -> .. until the paths
+  # were too long: 4 images listed 164 times.
+  (tmp_path / 'cat').mkdir()
+  for name in ('a.png', 'b.png'):
+    (tmp_path / 'cat' / name).write_bytes(b'x')
+  (tmp_path / 'cat' / 'again').symlink_to('..')
+  (tmp_path / 'cat' / 'same').symlink_to('.')
+  assert predict.image_paths([str(tmp_path)]) == [
+      str(tmp_path / 'cat' / 'a.png'), str(tmp_path / 'cat' / 'b.png')]
