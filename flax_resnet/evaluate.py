@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from flax_resnet import command_line
 from flax_resnet import inference
 from flax_resnet import workdir as workdir_lib
 
@@ -101,7 +102,7 @@ def _checked_split(config) -> str:
       except image_folder.SourceError:
         return False
   else:
-    builder = sources._prepared_builder(config.dataset, config.data_dir)  # pylint: disable=protected-access
+    builder = sources.prepared_builder(config.dataset, config.data_dir)
     available = sorted(builder.info.splits.keys())
 
     def exists(split):
@@ -143,12 +144,19 @@ def batches(config, transform, batch_size: int, threads: int):
   """(number of examples, iterator of {'image', 'label', 'mask'} batches).
 
   Every example once, in the source's order; the last batch is padded with
-  zero images whose mask is False, so every batch has one shape.
+  zero images whose mask is False, so every batch has one shape. batch_size
+  is capped at the split's size.
+
+  Raises:
+    UsageError: batches of batch_size images cannot fit in memory.
   """
   import grain  # pylint: disable=g-import-not-at-top
   from flax_resnet.data import preprocess, sources  # pylint: disable=g-import-not-at-top
   source = sources.open_source(config, 'eval_split')
   options = preprocess.PreprocessOptions.from_config(config, 'eval_split')
+  # Held at once: the threads' read-ahead, the batch in use and its padding.
+  batch_size = inference.checked_batch_size(batch_size, len(source),
+                                            transform, held=threads + 2)
   prepare = _Prepare(transform, options)
   prepare(source[0])  # bad data fails here, before the threads start
   ds = (grain.MapDataset.source(source).map(prepare).batch(batch_size)
@@ -238,7 +246,7 @@ def reference_top1(loaded: inference.Loaded, config) -> Optional[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = command_line.ArgumentParser(
       prog='python -m flax_resnet.evaluate',
       description='Top-1/top-5/loss of weights or a training checkpoint over '
       'a whole dataset split.')
@@ -282,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     result = evaluate(loaded, config, batch_size=args.batch_size,
                       threads=args.threads)
+  except inference.UsageError as e:  # --batch_size too large for memory
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   except ValueError as e:  # an undecodable image, a label out of range
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -296,4 +307,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
+  command_line.exit_on_stop_signals()
   sys.exit(main())

@@ -107,6 +107,13 @@ def load(model: Optional[str], weights: str, *,
           f'--transform {transform}: a workdir brings its own preprocessing '
           "(its run's eval pipeline); leave --transform out.")
     return _load_workdir(model, path, checkpoint)
+  if model is not None:
+    _check_preset(model)
+  if _names_a_missing_path(weights):
+    raise UsageError(
+        f'--weights {weights} does not exist; give a training workdir, a '
+        'weights file, a URL or a registry tag (python -m '
+        'flax_resnet.pretrained lists them).')
   if checkpoint != 'latest':
     raise UsageError(f'--checkpoint {checkpoint}: only a training workdir has '
                      f'checkpoints to choose from; --weights {weights} is not '
@@ -120,6 +127,21 @@ def load(model: Optional[str], weights: str, *,
 
 
 # ----------------------------------------------------- weights files and tags
+
+
+_URL_SCHEMES = ('http://', 'https://', 'file://')
+_WEIGHT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors', '.params', '.h5',
+                    '.keras', '.npz', '.msgpack', '.zip')
+
+
+def _names_a_missing_path(weights: str) -> bool:
+  """A path (not a tag or URL) that is not on disk: a typo or a missing run."""
+  if weights.startswith(_URL_SCHEMES):
+    return False
+  looks_like_path = ('/' in weights or os.sep in weights
+                     or weights.startswith(('~', '.'))
+                     or weights.lower().endswith(_WEIGHT_SUFFIXES))
+  return looks_like_path and not os.path.exists(os.path.expanduser(weights))
 
 
 def _check_preset(model: str, flag: str = '--model') -> None:
@@ -178,7 +200,7 @@ def _load_weights(model: str, weights: str, transform: Optional[str],
     chosen = None
     tag = weights[len(model) + 1:] if weights.startswith(model + '.') else (
         weights)  # 'resnet50.a1_in1k' names the tag 'a1_in1k' too
-    is_file = weights.startswith(('http://', 'https://', 'file://')) or (
+    is_file = weights.startswith(_URL_SCHEMES) or (
         os.path.exists(os.path.expanduser(weights)))
     if (is_file and (model, tag) not in pretrained.REGISTRY
         and _default_transform(model)[0] is None):
@@ -312,6 +334,33 @@ def positive_int(text: str) -> int:
   if value < 1:
     raise argparse.ArgumentTypeError(f'{value} must be at least 1.')
   return value
+
+
+def checked_batch_size(batch_size: int, count: int, transform,
+                       held: int) -> int:
+  """--batch_size capped at `count` images, checked against host memory.
+
+  A batch larger than what there is to score only adds padding. Counted:
+  `held` float32 input batches at the transform's crop size; not the
+  model's activations, so this catches the impossible, not every
+  out-of-memory.
+
+  Raises:
+    UsageError: the batches cannot fit in the memory available.
+  """
+  from flax_resnet.train import run_checks  # pylint: disable=g-import-not-at-top
+  batch_size = max(1, min(batch_size, count))
+  available = run_checks.available_memory()
+  image_bytes = transform.crop_size ** 2 * 3 * 4
+  if available is not None and batch_size * image_bytes * held > available:
+    fits = max(1, available // (image_bytes * held))
+    raise UsageError(
+        f'--batch_size {batch_size}: {held} batches of {batch_size} '
+        f'{transform.crop_size}x{transform.crop_size}x3 float32 images need '
+        f'{batch_size * image_bytes * held / 1e9:.3g} GB, more than the '
+        f'{available / 1e9:.3g} GB of memory available; use --batch_size <= '
+        f'{fits} (64 is plenty).')
+  return batch_size
 
 
 def model_input(transform, image: Any, where: str) -> np.ndarray:

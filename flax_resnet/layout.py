@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_resnet import command_line
 from flax_resnet import layers
 from flax_resnet import references
 from flax_resnet.layout_compare import CLI_FIXES
@@ -517,7 +518,7 @@ def _stand_in_entry(model: str, reference: str) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = command_line.ArgumentParser(
       prog='python -m flax_resnet.layout',
       description='Print a ResNet\'s stride/shortcut layout, derived from the '
       'module, and check it against a reference implementation.')

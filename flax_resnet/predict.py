@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from flax_resnet import command_line
 from flax_resnet import inference
 
 _DECODE_THREADS = 4
@@ -39,12 +41,10 @@ def image_paths(arguments: Sequence[str]) -> list[str]:
   for argument in arguments:
     path = os.path.expanduser(argument)
     if os.path.isdir(path):
-      found = []
-      for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(image_folder.EXTENSIONS)
-                     and not f.startswith('.'))
+      try:
+        found = image_folder.images_below(path)
+      except image_folder.SourceError as e:
+        raise inference.UsageError(f'IMAGE {argument}: {e}') from None
       if not found:
         raise inference.UsageError(
             f'IMAGE {argument}: the folder holds no images '
@@ -76,9 +76,15 @@ def _top(probabilities: np.ndarray, k: int) -> list[int]:
 
 def predict(loaded: inference.Loaded, paths: Sequence[str], *, top: int,
             batch_size: int):
-  """Yields (path, [(index, probability), ...] or None, error or None)."""
+  """Yields (path, [(index, probability), ...] or None, error or None).
+
+  Raises:
+    UsageError: batches of batch_size images cannot fit in memory.
+  """
   top = min(top, loaded.num_classes)
-  batch_size = min(batch_size, len(paths))
+  # Held at once: the decoded images, their stack and the padded batch.
+  batch_size = inference.checked_batch_size(batch_size, len(paths),
+                                            loaded.transform, held=3)
   with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
     for start in range(0, len(paths), batch_size):
       chunk = paths[start:start + batch_size]
@@ -118,7 +124,7 @@ def _json(loaded, path, scores, error) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = command_line.ArgumentParser(
       prog='python -m flax_resnet.predict',
       description='Top-k classes of images with published weights, a weights '
       'file or a training workdir.')
@@ -147,8 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f'{loaded.source}; transform: {loaded.transform.describe()} '
         f'[{loaded.transform_source}]', file=sys.stderr)
   failed = 0
-  for path, scores, error in predict(loaded, paths, top=args.top,
-                                     batch_size=args.batch_size):
+  try:
+    scored = predict(loaded, paths, top=args.top, batch_size=args.batch_size)
+    first = next(scored)  # the batch size is checked before anything is read
+  except inference.UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  for path, scores, error in itertools.chain([first], scored):
     if args.json:
       print(_json(loaded, path, scores, error), flush=True)
     elif error is not None:
@@ -164,4 +175,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
+  command_line.exit_on_stop_signals()
   sys.exit(main())

@@ -225,7 +225,7 @@ def dataset_categories(config) -> Optional[tuple[str, ...]]:
     except image_folder.SourceError as e:
       raise sources.DatasetNotFoundError(
           f'--dataset {config.dataset}: {e}') from None
-  builder = sources._prepared_builder(config.dataset, config.data_dir)  # pylint: disable=protected-access
+  builder = sources.prepared_builder(config.dataset, config.data_dir)
   label = builder.info.features['label']
   names = getattr(label, 'names', None)
   return tuple(names) if names else None

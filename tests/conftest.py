@@ -3,9 +3,27 @@
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+
+@pytest.fixture
+def registered():
+  """Registers pretrained weights for one test and removes them afterwards:
+  registered(Weights(...)) returns the entry."""
+  from flax_resnet import pretrained  # pylint: disable=g-import-not-at-top
+  added = []
+
+  def add(entry):
+    added.append(entry.key)
+    return pretrained.register(entry)
+
+  yield add
+  for preset, tag in added:
+    pretrained.unregister(preset, tag)
 
 
 def small_resnet20_batch():

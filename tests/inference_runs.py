@@ -3,7 +3,7 @@
 digits_workdir(): resnet20 (one block a stage) on the offline digits, 6 steps,
   checkpoints and evals at steps 3 and 6.
 run_model(): the model and variables of a workdir, read without
-  flax_resnet.inference; registered: a fixture that registers weights.
+  flax_resnet.inference.
 folder_workdir(): the same net on an image folder of three digit classes
   named 'one', 'seven', 'zero' (train/ and val/), 4 steps.
 """
@@ -15,10 +15,8 @@ import shutil
 import tempfile
 
 import numpy as np
-import pytest
 
 import flax_resnet
-from flax_resnet import pretrained
 from flax_resnet.data import builders, digits
 from flax_resnet.train import loop
 from test_train_loop import digits_config, restore_final
@@ -83,16 +81,3 @@ def run_model(workdir, config):
       **{k: v for k, v in config.model_overrides.items() if v is not None})
   return model, {'params': state['params'], 'batch_stats': state['batch_stats']}
 
-
-@pytest.fixture
-def registered():
-  """Registers weights for one test and removes them afterwards."""
-  added = []
-
-  def add(entry):
-    added.append(entry.key)
-    return pretrained.register(entry)
-
-  yield add
-  for preset, tag in added:
-    pretrained.unregister(preset, tag)

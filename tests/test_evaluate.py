@@ -17,7 +17,6 @@ from flax_resnet.data import imagenet_source
 from flax_resnet.data.prepare import prepare
 from flax_resnet.pretrained import Weights, categories, transforms
 import inference_runs
-from inference_runs import registered  # pylint: disable=unused-import
 import upstream_archives as ua
 
 
@@ -231,3 +230,25 @@ def test_run_preprocessing_equals_the_training_eval_pipeline(augment):
     want = pipeline.map({'image': jpeg, 'label': 0, 'mask': True})['image']
     got = inference.model_input(transform, jpeg, 'test image')
     np.testing.assert_array_equal(got, want, err_msg=str(size))
+
+
+def test_batch_size_beyond_the_split_is_capped_not_padded(capsys):
+  # 10**8 - 360 zero images of padding were 286 GB: a MemoryError traceback.
+  workdir, _ = inference_runs.digits_workdir()
+  capped, _ = run_json(capsys, '--weights', workdir, '--batch_size', 10**8)
+  scores, _ = run_json(capsys, '--weights', workdir, '--batch_size', 360)
+  assert capped['examples'] == scores['examples'] == 360
+  for key in ('top1', 'top5', 'loss'):
+    assert capped[key] == pytest.approx(scores[key], rel=1e-6), key
+
+
+def test_batch_size_beyond_memory_is_refused_naming_the_largest_that_fits(
+    capsys, monkeypatch):
+  from flax_resnet.train import run_checks  # pylint: disable=g-import-not-at-top
+  workdir, _ = inference_runs.digits_workdir()
+  # 8x8x3 float32 inputs are 768 bytes; 2 threads + 2 batches of 64 held.
+  monkeypatch.setattr(run_checks, 'available_memory', lambda: 100_000)
+  code, out, err = run_main(capsys, '--weights', workdir, '--threads', 2)
+  assert code == 2 and not out
+  assert err.count('error:') == 1 and 'Traceback' not in err
+  assert '--batch_size 64:' in err and 'use --batch_size <= 32' in err, err

@@ -767,8 +767,8 @@ def test_segments_a_dead_worker_was_filling_are_unlinked(tmp_path,
                                                         monkeypatch):
   """A SIGKILLed worker's in-flight batch: only its noted name knows it."""
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
-  from flax_resnet.data import pipeline  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(pipeline._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
+  from flax_resnet.data import worker_memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(worker_memory._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)
   dead_pid = int(dead.stdout)
@@ -780,7 +780,7 @@ def test_segments_a_dead_worker_was_filling_are_unlinked(tmp_path,
   (tmp_path / str(dead_pid)).write_text(f'{orphan.name}\n{handed_over.name}')
   (tmp_path / str(os.getpid())).write_text(of_a_live_worker.name)
   try:
-    pipeline.release_shared_memory()
+    worker_memory.release_shared_memory()
     names = set(os.listdir('/dev/shm'))
     assert orphan.name.lstrip('/') not in names
     assert handed_over.name.lstrip('/') in names
@@ -928,13 +928,13 @@ def test_a_second_unlink_of_a_dead_workers_segment_is_forgiven_alone():
   """A batch in flight when its dead worker's segment was unlinked: its
   array's own unlink finds nothing. That report is dropped; any other unraisable report still reaches the previous hook."""
   import types  # pylint: disable=g-import-not-at-top
-  from flax_resnet.data import pipeline  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import worker_memory  # pylint: disable=g-import-not-at-top
   seen = []
   previous = sys.unraisablehook
   sys.unraisablehook = seen.append
   try:
-    pipeline._unlinked_for_dead_workers.add('/psm_test_gone')  # pylint: disable=protected-access
-    pipeline._forgive_second_unlinks()  # pylint: disable=protected-access
+    worker_memory._unlinked_for_dead_workers.add('/psm_test_gone')  # pylint: disable=protected-access
+    worker_memory._forgive_second_unlinks()  # pylint: disable=protected-access
     owner = types.SimpleNamespace(__qualname__='SharedMemoryArray.__del__')
     gone = FileNotFoundError(2, 'No such file or directory', '/psm_test_gone')
     other = FileNotFoundError(2, 'No such file or directory', '/psm_other')
@@ -946,4 +946,4 @@ def test_a_second_unlink_of_a_dead_workers_segment_is_forgiven_alone():
     assert [u.exc_value for u in seen] == [other, gone]
   finally:
     sys.unraisablehook = previous
-    pipeline._unlinked_for_dead_workers.discard('/psm_test_gone')  # pylint: disable=protected-access
+    worker_memory._unlinked_for_dead_workers.discard('/psm_test_gone')  # pylint: disable=protected-access

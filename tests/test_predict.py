@@ -17,7 +17,6 @@ from flax_resnet.pretrained import Weights, transforms
 from flax_resnet.data import builders, digits
 import inference_runs
 from test_faults import flip_a_byte
-from inference_runs import registered  # pylint: disable=unused-import
 
 
 def run_main(capsys, *argv):
@@ -326,3 +325,40 @@ def test_weights_file_without_any_known_transform_is_refused(
   assert code == 2 and not out
   assert err.startswith('error: --weights') and '--transform PRESET:TAG' in err
   assert 'no preprocessing is known' in err and err.count('\n') == 1
+
+
+def test_a_missing_weights_path_is_named_before_model_is_asked_for(
+    capsys, tmp_path, digit_files):
+  # It said "--model is needed" (or, with --model, "neither a registry tag,
+  # a URL nor an existing file ... no weights are registered for resnet20").
+  for extra in ([], ['--model', 'resnet20']):
+    code, out, err = run_main(capsys, digit_files[1][0], '--weights',
+                              tmp_path / 'runs' / 'typo', *extra)
+    assert code == 2 and not out
+    assert err.count('\n') == 1, err
+    assert f'--weights {tmp_path / "runs" / "typo"} does not exist' in err
+
+
+def test_batch_size_beyond_memory_is_refused_naming_the_largest_that_fits(
+    capsys, monkeypatch, digit_files):
+  from flax_resnet.train import run_checks  # pylint: disable=g-import-not-at-top
+  workdir, _ = inference_runs.digits_workdir()
+  # 8x8x3 float32 inputs are 768 bytes; 3 batches of 5 held: 11,520 bytes.
+  monkeypatch.setattr(run_checks, 'available_memory', lambda: 10_000)
+  code, out, err = run_main(capsys, digit_files[0], '--weights', workdir,
+                            '--batch_size', 10**12)
+  assert code == 2 and not out
+  assert err.count('error:') == 1 and 'Traceback' not in err
+  assert '--batch_size 5:' in err and 'use --batch_size <= 4' in err, err
+
+
+def test_a_symlink_loop_in_an_image_folder_is_walked_once(tmp_path):
+  # os.walk(followlinks=True) went round cat/again -> .. until the paths
+  # were too long: 4 images listed 164 times.
+  (tmp_path / 'cat').mkdir()
+  for name in ('a.png', 'b.png'):
+    (tmp_path / 'cat' / name).write_bytes(b'x')
+  (tmp_path / 'cat' / 'again').symlink_to('..')
+  (tmp_path / 'cat' / 'same').symlink_to('.')
+  assert predict.image_paths([str(tmp_path)]) == [
+      str(tmp_path / 'cat' / 'a.png'), str(tmp_path / 'cat' / 'b.png')]

@@ -102,19 +102,6 @@ def cache(tmp_path, monkeypatch):
   return root
 
 
-@pytest.fixture
-def registered():
-  """Registers entries for one test and removes them afterwards."""
-  added = []
-
-  def add(entry):
-    added.append(entry.key)
-    return pretrained.register(entry)
-
-  yield add
-  for preset, tag in added:
-    pretrained.unregister(preset, tag)
-
 
 @pytest.fixture(scope='module')
 def weights_file(tmp_path_factory):

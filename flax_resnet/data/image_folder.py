@@ -198,6 +198,16 @@ class _Walk:
     return True
 
 
+def images_below(folder: str) -> list[str]:
+  """The image files below `folder` (hidden ones skipped), sorted per folder;
+  symlinked folders followed, each folder read once (no loops).
+
+  Raises:
+    SourceError: a folder cannot be read.
+  """
+  return list(_Walk(os.path.realpath(folder), []).images(folder))
+
+
 class FolderSource:
   """Random access to one split: {'image': encoded bytes, 'label': int,
   'file_name': the file's path} (the path names the file in decode errors)."""

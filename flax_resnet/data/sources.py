@@ -200,8 +200,15 @@ def _display_data_dir(data_dir: str | None) -> str:
   return os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
 
 
-def _prepared_builder(name: str, data_dir: str | None):
-  """The TFDS builder of `name`, prepared in array_record format."""
+def prepared_builder(name: str, data_dir: str | None):
+  """The TFDS builder of `name`, prepared in array_record format.
+
+  Prepares the offline datasets (LOCAL_DATASETS) on first use.
+
+  Raises:
+    DatasetNotFoundError: not a TFDS name, not prepared, or stored in
+      another format; the message says how to prepare it.
+  """
   problem = names.tfds_name_error(name)
   if problem:
     raise DatasetNotFoundError(
@@ -262,7 +269,7 @@ def _how_to_prepare(builder, name: str, data_dir: str | None) -> str:
 
 def _checked_builder(config):
   """(prepared builder, number of classes), checked against the config."""
-  builder = _prepared_builder(config.dataset, config.data_dir)
+  builder = prepared_builder(config.dataset, config.data_dir)
   features = builder.info.features
   missing = [key for key in ('image', 'label') if key not in features]
   if missing:

@@ -1,10 +1,10 @@
 """python -m flax_resnet.pretrained [PRESET]: prints the weights registry."""
 
-import argparse
 import difflib
 import sys
 from typing import Optional, Sequence
 
+from flax_resnet import command_line
 from flax_resnet.pretrained import format_table, list_pretrained
 from flax_resnet.zoo import PRESETS
 
@@ -12,7 +12,7 @@ PUBLISHERS = ('torchvision', 'timm', 'gluon', 'keras')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = command_line.ArgumentParser(
       prog='python -m flax_resnet.pretrained',
       description='List the published weights flax_resnet.load_pretrained '
       'knows: tag, top-1, checksum, URL and, on the line below each, the '
