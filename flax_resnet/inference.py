@@ -220,11 +220,11 @@ def _load_weights(model: str, weights: str, transform: Optional[str],
     raise UsageError(f'--weights {weights}: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
     # torch / safetensors errors on a file that is no state_dict at all.
-    reason = str(e).strip().split('\n')[0].split('. ')[0][:150]
     raise UsageError(
         f'--weights {weights} is not a readable weights file '
-        f'({type(e).__name__}: {reason}); give a torchvision .pth/.safetensors '
-        'file, a registry tag, a URL or a training workdir.') from None
+        f'({convert.unreadable_reason(e)}); give a torchvision '
+        '.pth/.safetensors file, a registry tag, a URL or a training '
+        'workdir.') from None
   entry = loaded.entry
   if chosen is not None:
     how, (found, source_entry) = 'chosen with --transform', chosen

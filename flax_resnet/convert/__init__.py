@@ -23,6 +23,7 @@ safetensors are imported inside the functions that use them.
 """
 
 from flax_resnet.convert.cli import main
+from flax_resnet.convert.files import unreadable_reason
 from flax_resnet.convert.huggingface import hf_to_torchvision_keys
 from flax_resnet.convert.keras import (flax_to_keras, keras_key_map,
                                        keras_to_flax, read_h5)
@@ -44,5 +45,6 @@ __all__ = [
     'hf_to_torchvision_keys', 'keras_key_map', 'keras_to_flax', 'key_map',
     'load_state_dict', 'load_weights', 'main', 'read_arrays', 'read_h5',
     'read_params', 'resolve_model', 'save_gluon', 'save_safetensors',
-    'save_torch', 'torch_names', 'torch_to_flax', 'write_params',
+    'save_torch', 'torch_names', 'torch_to_flax', 'unreadable_reason',
+    'write_params',
 ]

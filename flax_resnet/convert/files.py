@@ -47,6 +47,16 @@ def existing_file(source: PathLike, what: str = 'weights file') -> pathlib.Path:
   return path
 
 
+def unreadable_reason(error: BaseException) -> str:
+  """'Type: first sentence' of a reader's error on a file that is no weights.
+
+  torch and safetensors go on for lines (torch suggests unpickling the file
+  anyway); the first sentence says what is wrong.
+  """
+  reason = str(error).strip().split('\n')[0].split('. ')[0][:150]
+  return f'{type(error).__name__}: {reason}'
+
+
 def sniff(source: PathLike) -> str:
   """One of FORMATS' keys, from the file's leading bytes.
 

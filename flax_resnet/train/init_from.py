@@ -138,13 +138,11 @@ def _read_file(path: str, config, spec, downloaded_from: Optional[str]):
   except convert.NonFiniteWeights as e:
     raise _error(f'{e}{cached}') from None
   except Exception as e:  # pylint: disable=broad-except
-    # torch / safetensors errors on a file that is not a state_dict at all;
-    # their first sentence only (torch goes on to suggest unpickling it).
-    reason = str(e).strip().split('\n')[0].split('. ')[0][:150]
+    # torch / safetensors errors on a file that is not a state_dict at all.
     raise _error(
-        f'{path} is not a readable state_dict ({type(e).__name__}: '
-        f'{reason}); give a torchvision .pth/.safetensors file or a training '
-        f'workdir.{cached}') from e
+        f'{path} is not a readable state_dict '
+        f'({convert.unreadable_reason(e)}); give a torchvision '
+        f'.pth/.safetensors file or a training workdir.{cached}') from e
 
 
 def _flat(tree) -> dict[str, Any]:
