@@ -274,6 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from flax_resnet.data import sources  # pylint: disable=g-import-not-at-top
   try:
     if not workdir_lib.looks_like_workdir(args.weights):
+      inference.check_weights_path(args.weights)
       # The dataset is checked before any download.
       dataset_config(None, args.dataset, args.data_dir, args.split)
     loaded = inference.load(args.model, args.weights, transform=args.transform,

@@ -109,11 +109,7 @@ def load(model: Optional[str], weights: str, *,
     return _load_workdir(model, path, checkpoint)
   if model is not None:
     _check_preset(model)
-  if _names_a_missing_path(weights):
-    raise UsageError(
-        f'--weights {weights} does not exist; give a training workdir, a '
-        'weights file, a URL or a registry tag (python -m '
-        'flax_resnet.pretrained lists them).')
+  check_weights_path(weights)
   if checkpoint != 'latest':
     raise UsageError(f'--checkpoint {checkpoint}: only a training workdir has '
                      f'checkpoints to choose from; --weights {weights} is not '
@@ -132,6 +128,15 @@ def load(model: Optional[str], weights: str, *,
 _URL_SCHEMES = ('http://', 'https://', 'file://')
 _WEIGHT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors', '.params', '.h5',
                     '.keras', '.npz', '.msgpack', '.zip')
+
+
+def check_weights_path(weights: str) -> None:
+  """UsageError for a --weights path (not a tag or URL) that is not on disk."""
+  if _names_a_missing_path(weights):
+    raise UsageError(
+        f'--weights {weights} does not exist; give a training workdir, a '
+        'weights file, a URL or a registry tag (python -m '
+        'flax_resnet.pretrained lists them).')
 
 
 def _names_a_missing_path(weights: str) -> bool:

@@ -168,8 +168,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(_format(loaded, path, scores), flush=True)
     failed += error is not None
   if failed:
+    rest = ('the others are scored' if failed < len(paths) else
+            'none was scored')
     print(f'error: {failed} of {len(paths)} images could not be read (named '
-          'above); the others are scored.', file=sys.stderr)
+          f'above); {rest}.', file=sys.stderr)
     return 1
   return 0
 

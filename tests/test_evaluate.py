@@ -169,6 +169,8 @@ BAD_INPUTS = [
      'has no train/ folder'),
     (['--weights', '{workdir}', '--checkpoint', 'best', '--dataset',
       'no_such_dataset'], 'is not a TFDS dataset'),
+    # A mistyped workdir said '--dataset is needed'.
+    (['--weights', '{empty}/typo'], '--weights {empty}/typo does not exist'),
 ]
 
 
@@ -182,6 +184,7 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys, tmp_path, argv,
           '{folder}': str(folder)}
   for key, value in fill.items():
     argv = [a.replace(key, value) for a in argv]
+    names = names.replace(key, value)
   code, out, err = run_main(capsys, *argv)
   assert code == 2 and not out
   assert err.startswith('error: ') and err.count('error:') == 1

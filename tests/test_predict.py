@@ -130,7 +130,11 @@ def test_unreadable_image_is_one_error_line_and_the_rest_are_scored(
       str(paths[0]), str(paths[1])]
   errors = [line for line in err.splitlines() if line.startswith('error:')]
   assert len(errors) == 2 and str(broken) in errors[0]
-  assert '1 of 3 images' in errors[1]
+  assert '1 of 3 images' in errors[1] and 'the others are scored' in errors[1]
+  code, out, err = run_main(capsys, broken, '--weights', workdir)
+  assert code == 1 and not out
+  assert err.splitlines()[-1].endswith('1 of 1 images could not be read '
+                                       '(named above); none was scored.'), err
 
 
 def test_damaged_checkpoint_is_named_and_left_where_it_is(capsys, tmp_path,
