@@ -36,6 +36,7 @@ for _path in (_REPO, os.path.dirname(os.path.abspath(__file__))):
     sys.path.insert(0, _path)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax_resnet import host_allocator  # first: its malloc settings
 import bench_datasets  # registers the generated datasets
 import input_pipeline
 from machine import load_average
@@ -195,6 +196,7 @@ def main() -> None:
           bench_datasets.JPEG_WIDTH, bench_datasets.JPEG_HEIGHT],
       'batch': BATCH, 'rounds': args.rounds, 'batches_per_round': args.batches,
       'tensorflow': tf.__version__, 'machine': machine_info(),
+      'malloc': host_allocator.status(),
       'load_average_before': load_before, 'load_average_after': load_average(),
   }
   for name in per_cpu:

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,10 @@ for _path in (_REPO, _HERE):
     sys.path.insert(0, _path)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+# First, so that its malloc settings (flax_resnet/host_allocator.py) apply to
+# the whole process, PyTorch included, as they would in a user's process:
+# FLAX_RESNET_MALLOC=0 measures without them.
+from flax_resnet import host_allocator
 from machine import cpu_label
 from machine import load_average
 from machine import machine_info
@@ -79,6 +84,8 @@ VARIANT_NAMES = ('stock', 'flags', 'grads', 'xla_tuned', 'user_jit_xla',
                  'user_jit_flax_bn', 'tuned', 'user_jit',
                  'user_jit_no_barriers')  # jax_side
 
+WARMUP_TRAIN_STEPS = 2
+
 # Which generated input-pipeline case feeds which kind of net.
 PIPELINE_CASE = {32: 'cifar_png', 224: 'imagenet_jpeg'}
 
@@ -92,22 +99,34 @@ def alternate(contestants: dict[str, Callable[[int], None]], steps: int,
 
   Returns per contestant the wall-clock images/s of every round and their
   median, plus the process CPU seconds per image (robust to time-slicing by
-  other tenants, inflated by OpenMP spin-waiting).
+  other tenants, inflated by OpenMP spin-waiting), the kernel's share of them
+  and the minor page faults per step (BENCHMARKS.md, "Round 4").
   """
   names = list(contestants)
   rates = {n: [] for n in names}
   cpu = {n: [] for n in names}
+  system = {n: [] for n in names}
+  faults = {n: [] for n in names}
+  images = steps * images_per_step
   for r in range(rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
+      usage0 = resource.getrusage(resource.RUSAGE_SELF)
       wall0, cpu0 = time.perf_counter(), time.process_time()
       contestants[name](steps)
       wall, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
-      rates[name].append(steps * images_per_step / wall)
-      cpu[name].append(cpu_s / (steps * images_per_step))
+      usage = resource.getrusage(resource.RUSAGE_SELF)
+      rates[name].append(images / wall)
+      cpu[name].append(cpu_s / images)
+      system[name].append((usage.ru_stime - usage0.ru_stime) / images)
+      faults[name].append((usage.ru_minflt - usage0.ru_minflt) / steps)
   return {n: {'images_per_s': round(statistics.median(rates[n]), 2),
               'rounds': [round(v, 2) for v in rates[n]],
-              'cpu_ms_per_image': round(1e3 * statistics.median(cpu[n]), 3)}
+              'cpu_ms_per_image': round(1e3 * statistics.median(cpu[n]), 3),
+              'sys_ms_per_image': round(1e3 * statistics.median(system[n]),
+                                        3),
+              'minor_faults_per_step': round(statistics.median(faults[n])),
+              'minor_faults_per_step_rounds': [round(v) for v in faults[n]]}
           for n in names}
 
 
@@ -244,8 +263,11 @@ def bench_net(args: argparse.Namespace, name: str) -> dict:
     log(f'compiling {v}')
     out['main_process_compile'][v] = c.compile()
   torch_contestant = torch_side.TorchContestant(case)
+  # Warm-up: compile, and grow the process's heap to the high-water mark
+  # that a step needs (with flax_resnet's malloc settings it stays there;
+  # resnet50 gets there in its second step).
   for c in (*jax_contestants.values(), torch_contestant):
-    c.train(1)
+    c.train(WARMUP_TRAIN_STEPS)
     c.eval(1)
   for phase, steps in (('train', case.steps_per_round),
                        ('eval', case.eval_steps_per_round)):
@@ -300,15 +322,18 @@ def pipeline(args: argparse.Namespace, nets: list[str],
 
 def print_table(results: dict) -> None:
   print(f"CPU: {cpu_label(results['machine']['cpu'])}, "
-        f"{results['machine']['cpu_count']} cores")
+        f"{results['machine']['cpu_count']} cores; flax_resnet's malloc "
+        f"settings: {results.get('malloc')}")
   rows = [('net', 'phase', 'contestant', 'img/s', 'ratio', 'round ratio',
-           'cpu ms/img')]
+           'cpu ms/img', 'sys ms/img', 'faults/step')]
   for name, res in results['nets'].items():
     for phase in ('train', 'eval'):
       for contestant, r in res[phase].items():
         rows.append((name, phase, contestant, f"{r['images_per_s']:.1f}",
                      str(r.get('ratio', '-')), str(r.get('round_ratio', '-')),
-                     f"{r['cpu_ms_per_image']:.2f}"))
+                     f"{r['cpu_ms_per_image']:.2f}",
+                     f"{r['sys_ms_per_image']:.2f}",
+                     str(r['minor_faults_per_step'])))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   for i, row in enumerate(rows):
     print('  '.join(c.ljust(w) for c, w in zip(row, widths)))
@@ -394,6 +419,7 @@ def main(argv=None) -> None:
       'benchmark': 'train_step_vs_pytorch',
       'command': ' '.join([os.path.relpath(sys.argv[0], _REPO)] + sys.argv[1:]),
       'machine': machine_info(),
+      'malloc': host_allocator.status(),
       'load_average_before': load_average(),
       'variants': {v: dataclasses.asdict(jax_side.VARIANTS[v])
                    for v in args.variants},
@@ -412,10 +438,14 @@ def main(argv=None) -> None:
   results['wall_s'] = round(time.time() - started, 1)
   print_table(results)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=2)
-    print(f'wrote {args.out}')
+    write_json(args.out, results)
+
+
+def write_json(path: str, results: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

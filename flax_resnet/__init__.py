@@ -3,6 +3,11 @@
 import importlib
 import importlib.util
 
+from flax_resnet import host_allocator
+
+# Before JAX starts its CPU backend, or never: see host_allocator.py.
+host_allocator.configure()
+
 # Names load on first use (PEP 562): `import flax_resnet` stays instant, so a
 # command line (python -m flax_resnet.predict, ...) can take SIGINT/SIGTERM
 # before jax is imported; a signal inside jax's import is swallowed by its gc

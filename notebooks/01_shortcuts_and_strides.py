@@ -48,6 +48,10 @@
 import pathlib
 import sys
 
+# Before JAX starts its CPU backend (jax.devices() below), so that its malloc
+# settings apply (README, "Performance").
+import flax_resnet
+
 import jax
 
 REPO = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]
@@ -69,7 +73,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import flax_resnet
 from flax_resnet import convert
 from flax_resnet import layers
 from flax_resnet import layout

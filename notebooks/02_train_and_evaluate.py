@@ -33,6 +33,10 @@ import pathlib
 import sys
 import tempfile
 
+# Before JAX starts its CPU backend (jax.devices() below), so that its malloc
+# settings apply (README, "Performance").
+import flax_resnet  # pylint: disable=unused-import
+
 import jax
 
 REPO = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]

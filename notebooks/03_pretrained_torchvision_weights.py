@@ -28,6 +28,10 @@
 import pathlib
 import sys
 
+# Before JAX starts its CPU backend (jax.devices() below), so that its malloc
+# settings apply (README, "Performance").
+import flax_resnet
+
 import jax
 
 REPO = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]
@@ -49,7 +53,6 @@ import orbax.checkpoint as ocp
 import safetensors.torch
 import torch
 
-import flax_resnet
 from flax_resnet import convert
 from flax_resnet.references import torchvision_source
 

@@ -46,6 +46,10 @@ import sys
 import tempfile
 import threading
 
+# Before JAX starts its CPU backend (jax.devices() below), so that its malloc
+# settings apply (README, "Performance").
+import flax_resnet
+
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -59,7 +63,6 @@ REPO = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-import flax_resnet
 from flax_resnet import convert
 
 # One seed draws the demo pictures, the stand-in weights, the fresh head and

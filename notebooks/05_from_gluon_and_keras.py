@@ -39,6 +39,10 @@ import pathlib
 import subprocess
 import tempfile
 
+# Before JAX starts its CPU backend (jax.devices() below), so that its malloc
+# settings apply (README, "Performance").
+import flax_resnet  # pylint: disable=unused-import
+
 import jax
 import numpy as np
 

@@ -5,6 +5,10 @@ import sys
 
 import pytest
 
+# Before any test starts JAX's backend, as a user's process would:
+# flax_resnet/host_allocator.py.
+import flax_resnet  # pylint: disable=unused-import
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
