@@ -160,7 +160,13 @@ def run_probe(args: argparse.Namespace, extra: list[str],
   cmd = [sys.executable, os.path.abspath(__file__), '--probe', *extra]
   if args.cpu_threads:
     cmd += ['--cpu_threads', str(args.cpu_threads)]
-  result = subprocess.run(cmd, capture_output=True, text=True,
+  return json_from_subprocess(cmd, timeout)
+
+
+def json_from_subprocess(cmd: list[str], timeout: float,
+                         env: dict | None = None) -> dict:
+  """The last JSON line `cmd` prints, or {'error': its output's tail}."""
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           timeout=timeout, check=False)
   lines = [l for l in result.stdout.splitlines() if l.startswith('{')]
   if result.returncode or not lines:

@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -74,14 +73,9 @@ def in_subprocess(net: str, steps: int, malloc_on: bool) -> dict:
   env.pop(host_allocator.SWITCH, None)
   if not malloc_on:
     env[host_allocator.SWITCH] = '0'
-  result = subprocess.run(
+  return run.json_from_subprocess(
       [sys.executable, os.path.abspath(__file__), '--measure', net,
-       '--steps', str(steps)], env=env, capture_output=True, text=True,
-      timeout=1800, check=False)
-  lines = [l for l in result.stdout.splitlines() if l.startswith('{')]
-  if result.returncode or not lines:
-    return {'error': (result.stderr or result.stdout)[-1500:]}
-  return json.loads(lines[-1])
+       '--steps', str(steps)], timeout=1800, env=env)
 
 
 def main(argv=None) -> None:

@@ -6,8 +6,8 @@ returns them with munmap, and each of XLA's worker threads gets its own
 arena, whose heaps are unmapped and trimmed as they empty. So every step
 faults its whole working set in again: about 320,000 minor page faults
 (1.25 GB) and 0.5-3 s of kernel time per resnet50 batch-16 train step on the
-project's 2-core machines (BENCHMARKS.md,
-"Round 4"). PyTorch pays the same in its own process.
+project's 2-core machines (BENCHMARKS.md, "Round 4"). PyTorch pays the same
+in its own process.
 
 Three `mallopt` calls keep that memory in the process instead: no mmap for
 large blocks, no trimming of the heap's top, and one arena, so that XLA's
