@@ -199,7 +199,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from flax_resnet import train  # pylint: disable=g-import-not-at-top
   from flax_resnet.train import loop  # pylint: disable=g-import-not-at-top
-  from flax_resnet.layout import LayoutMismatch  # pylint: disable=g-import-not-at-top
+  from flax_resnet.layout_check import LayoutMismatch  # pylint: disable=g-import-not-at-top
   from flax_resnet.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from flax_resnet.data import InputWorkerError  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:

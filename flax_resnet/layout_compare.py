@@ -1,9 +1,9 @@
 """A layout held against a reference entry: its differences, and their words.
 
 Pure data: a `Layout` (flax_resnet.layout) and a reference entry
-(flax_resnet.references) in, `Difference`s and aligned text out. Tracing,
-explaining a difference by a preset, and raising `LayoutMismatch` stay in
-flax_resnet.layout, which re-exports these names.
+(flax_resnet.references) in, `Difference`s and aligned text out. Tracing
+is flax_resnet.layout's job; looking up the entry, explaining a difference by
+a preset, and raising `LayoutMismatch` are flax_resnet.layout_check's.
 """
 
 from __future__ import annotations

@@ -76,6 +76,8 @@ import torch
 from flax_resnet import convert
 from flax_resnet import layers
 from flax_resnet import layout
+from flax_resnet import layout_check
+from flax_resnet import layout_report
 from flax_resnet import references
 from flax_resnet.references import torchvision_source
 
@@ -86,7 +88,7 @@ def block_row(table: layout.Layout, stage: int, index: int):
 
 
 def shortcut_words(row: dict) -> str:
-  """A reference row's shortcut in the words of layout.format_table."""
+  """A reference row's shortcut in the words of layout_report.format_table."""
   kind, stride = row['shortcut'], row['shortcut_stride']
   norm = ' + BN' if row['shortcut_norm'] else ''
   if kind == 'identity':
@@ -99,7 +101,7 @@ def shortcut_words(row: dict) -> str:
 
 
 def reference_table(name: str, model: str) -> str:
-  """A reference entry as text, in the columns of layout.format_table."""
+  """A reference entry as text, in the columns of layout_report.format_table."""
   entry = references.load(name)['models'][model]
   head = ('stage', 'block', 'channels', 'size', 'stride on', 'shortcut',
           'params', f'{name} module')
@@ -135,7 +137,7 @@ def reference_table(name: str, model: str) -> str:
 # `layout.derive_layout` runs `model.init` under `jax.eval_shape` and
 # records every submodule call, so each row below is what the module
 # actually does. Under it, the same rows extracted from torchvision's own
-# `models/resnet.py` (run on CPU PyTorch). `layout.check` raises
+# `models/resnet.py` (run on CPU PyTorch). `layout_check.check` raises
 # `LayoutMismatch` on any difference in channels, sizes, the strided conv,
 # the shortcut or the parameter count.
 
@@ -147,20 +149,21 @@ layout50 = layout.derive_layout(resnet50, (1, 224, 224, 3), 'resnet50')
 
 for table in (layout18, layout50):
   print(f'== {table.model}: derived from the Flax module, input 224x224')
-  print(layout.format_table(table))
+  print(layout_report.format_table(table))
   print(f'\n== {table.model}: torchvision reference')
   print(reference_table('torchvision', table.model))
-  layout.check(table, 'torchvision')  # raises LayoutMismatch on a difference
-  print(f'\nlayout.check({table.model!r}, torchvision): MATCH\n')
+  # Raises LayoutMismatch on a difference.
+  layout_check.check(table, 'torchvision')
+  print(f'\nlayout_check.check({table.model!r}, torchvision): MATCH\n')
 
 # %% [markdown]
-# `layout.notes` puts the first block of each stage into words. Read
+# `layout_report.notes` puts the first block of each stage into words. Read
 # resnet50's stage 1 against resnet18's:
 
 # %%
 for table in (layout18, layout50):
   print(table.model)
-  for line in layout.notes(table):
+  for line in layout_report.notes(table):
     print('  *', line)
 
 # %% [markdown]
@@ -408,10 +411,10 @@ for option, table in (('A', layout20_a), ('B', layout20_b)):
     if b.index == 0 and b.stage > 1:
       print(f'   stage {b.stage} block 0: {b.shortcut_text()}, {b.params:,} params')
 
-layout.check(layout20_a, 'paper')
+layout_check.check(layout20_a, 'paper')
 try:
-  layout.check(layout20_b, 'paper')
-except layout.LayoutMismatch as mismatch:
+  layout_check.check(layout20_b, 'paper')
+except layout_check.LayoutMismatch as mismatch:
   problems = mismatch.problems
 print('\nresnet20 shortcut=B against the paper:')
 print('\n'.join('  - ' + p for p in problems))
@@ -436,7 +439,7 @@ assert any('shortcut is' in p for p in problems)
 
 # %%
 layout50_v1 = layout.layout_of('resnet50_v1')
-print(layout.format_table(layout50_v1))
+print(layout_report.format_table(layout50_v1))
 
 libraries = [
     ('resnet50_v1 (here)', layout50_v1, None, None),
@@ -465,12 +468,12 @@ for table, conv_name, kernel in ((layout50_v1, 'conv1', '1x1'),
              for b in strided)
 assert layout50_v1.total_params == layout50.total_params == 25_557_032
 
-layout.check(layout50_v1, 'gluon_v1')  # true v1 ...
-layout.check(layout50_v1, 'keras')     # ... and Keras agree with it
+layout_check.check(layout50_v1, 'gluon_v1')  # true v1 ...
+layout_check.check(layout50_v1, 'keras')     # ... and Keras agree with it
 try:
-  layout.check(layout50_v1, 'torchvision', 'resnet50')
+  layout_check.check(layout50_v1, 'torchvision', 'resnet50')
   raise AssertionError('v1 must not match torchvision (v1.5)')
-except layout.LayoutMismatch as mismatch:
+except layout_check.LayoutMismatch as mismatch:
   print('resnet50_v1 against torchvision resnet50:')
   print('\n'.join('  - ' + p for p in mismatch.problems))
   assert all('strided conv' in p for p in mismatch.problems)

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 from flax_resnet import convert, create_model, layout, references
+from flax_resnet import layout_compare, layout_report
 
 # %% [markdown]
 # ## 1. The Gluon question, from the Gluon-exact table
@@ -70,7 +71,8 @@ for preset in ('gluon_resnet50_v1', 'gluon_resnet18_v1'):
             f'stride {row["shortcut_stride"]} (Gluon layer '
             f'{row["library_block"]})')
   ours = layout.layout_of(preset)
-  assert layout.compare(ours, entry, 'gluon_v1') == []  # counts included
+  # Counts included.
+  assert layout_compare.compare(ours, entry, 'gluon_v1') == []
   assert ours.total_params == entry['total_params']
 
 r50 = references.lookup('gluon_v1', 'gluon_resnet50_v1', 224)['blocks']
@@ -96,7 +98,7 @@ assert r18[0]['shortcut'] == 'identity'
 # %%
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):  # python -m flax_resnet.layout ...
-  status = layout.main(['gluon_resnet50_v1'])
+  status = layout_report.main(['gluon_resnet50_v1'])
 print(printed.getvalue())
 assert status == 0
 assert 'the projection is a 1x1 with stride 1 (64->256)' in printed.getvalue()
@@ -114,7 +116,7 @@ for preset in ('gluon_resnet50_v1', 'gluon_resnet50_v2', 'keras_resnet50',
                'keras_resnet50_v2'):
   spec = create_model(preset).spec
   print(preset)
-  for line in layout.spec_notes(spec):
+  for line in layout_report.spec_notes(spec):
     print('  *', line)
 assert create_model('gluon_resnet50_v1').spec.conv_bias == ('conv1', 'conv3')
 assert create_model('gluon_resnet50_v2').spec.input_norm

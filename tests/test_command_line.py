@@ -21,7 +21,7 @@ USAGE_ERRORS = [
     ('flax_resnet.evaluate', ['--weights', 'w', '--threads', 'many'],
      '--threads'),
     ('flax_resnet.pretrained.__main__', ['--publisher', 'nobody'], '--publisher'),
-    ('flax_resnet.layout', ['resnet50', '--size', '-1'], '--size'),
+    ('flax_resnet.layout_report', ['resnet50', '--size', '-1'], '--size'),
 ]
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from flax_resnet import layout as layout_lib
+from flax_resnet import layout_report
 from flax_resnet.spec import ResNetSpec
 from flax_resnet.zoo import create_model
 from flax_resnet.zoo import get_spec
@@ -249,7 +250,7 @@ def test_any_stride_and_size_builds_or_names_the_block(size, stride):
 def test_stride_column_comes_from_the_conv_at_any_size():
   for size in (1, 2, 3, 224):
     layout = layout_lib.layout_of('resnet50', size)
-    table = layout_lib.format_table(layout)
+    table = layout_report.format_table(layout)
     strided = [b for b in layout.blocks if b.stride_conv]
     assert [b.stride for b in strided] == [2, 2, 2]
     for row in table.splitlines():

@@ -4,6 +4,7 @@ Every failure must be one `error:` line naming what was expected, and leave
 nothing that `tfds.builder(...).is_prepared()` (what training checks) accepts.
 """
 
+import errno
 import os
 import signal
 import subprocess
@@ -157,6 +158,27 @@ def test_full_disk_is_one_error_and_leaves_nothing(tmp_path):
     subprocess.run(['umount', str(disk)], check=False)
 
 
+def _wait_until_reading(proc, fifo, deadline):
+  """The write end of `fifo`, opened once `proc` has opened it to read.
+
+  Opening a FIFO to write without blocking fails (ENXIO) until a reader has
+  it open, so this sees the exact moment prepare reaches the batch. Holding
+  the write end open without writing keeps it blocked in read().
+  """
+  while True:
+    try:
+      return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+      if e.errno != errno.ENXIO:
+        raise
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()  # never read the pipes of a live process: that would hang
+      _, err = proc.communicate()
+      pytest.fail(f'prepare never read the FIFO (exit {proc.returncode}):\n'
+                  + err)
+    time.sleep(0.05)
+
+
 @pytest.mark.parametrize('how', [signal.SIGINT, signal.SIGTERM,
                                  signal.SIGKILL])
 def test_interrupted_prepare_leaves_nothing_readable(tmp_path, how):
@@ -171,16 +193,23 @@ def test_interrupted_prepare_leaves_nothing_readable(tmp_path, how):
   proc = subprocess.Popen(
       [sys.executable, '-m', 'flax_resnet.data.prepare', 'cifar10',
        '--data_dir', str(data_dir), '--source', root, '--no_progress'],
-      cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO},
+      cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO,
+                     'PYTHONFAULTHANDLER': '1'},  # a hang shows its stacks
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 60
-  while not any(f.startswith('.prepare-cifar10') for f in (
-      os.listdir(data_dir) if data_dir.exists() else [])):
-    assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-    time.sleep(0.1)
-  time.sleep(1)  # let it reach the FIFO
-  proc.send_signal(how)
-  _, err = proc.communicate(timeout=60)
+  writer = _wait_until_reading(proc, fifo, deadline=time.time() + 180)
+  try:
+    # It has opened the FIFO and blocks reading it: no import or setup is
+    # left for the signal to land in.
+    assert any(f.startswith('.prepare-cifar10') for f in os.listdir(data_dir))
+    proc.send_signal(how)
+    try:
+      _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGABRT)  # faulthandler prints every stack
+      pytest.fail(f'prepare did not stop within 60 s of signal {how}:\n'
+                  + proc.communicate()[1])
+  finally:
+    os.close(writer)
   if how == signal.SIGKILL:
     assert proc.returncode == -signal.SIGKILL
     assert not tfds.builder('cifar10', data_dir=str(data_dir)).is_prepared()

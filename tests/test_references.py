@@ -10,6 +10,8 @@ import re
 import pytest
 
 from flax_resnet import layout
+from flax_resnet import layout_compare
+from flax_resnet import layout_report
 from flax_resnet import references
 from flax_resnet import zoo
 from flax_resnet.references import extract
@@ -21,8 +23,8 @@ REFERENCED = [name for name in zoo.list_models()
 KERAS_V1 = ('resnet50_v1', 'resnet101_v1', 'resnet152_v1')
 EXACT = [name for name in zoo.list_models()
          if name.startswith(('gluon_', 'keras_'))]
-ROW_FIELDS = {'stage', 'index', *layout.COMPARED_FIELDS, 'library_block',
-              'library_stride_layer'}
+ROW_FIELDS = {'stage', 'index', *layout_compare.COMPARED_FIELDS,
+              'library_block', 'library_stride_layer'}
 SHORTCUT_KINDS = {'identity', 'zero-pad', 'subsample', 'projection',
                   'avgpool+projection'}
 
@@ -40,7 +42,7 @@ def _problems(model: str, reference: str, entry_name: str = None,
               **overrides) -> list[str]:
   entry = _entry(reference, entry_name or model)
   derived = _layout(model, entry['input_size'], **overrides)
-  return layout.compare(derived, entry, reference)
+  return layout_compare.compare(derived, entry, reference)
 
 
 # ------------------------------------------------- derived layout vs. tables
@@ -97,7 +99,7 @@ def test_exact_presets_match_with_parameter_counts(model):
   entry = _entry(reference, model)
   assert entry.get('counts_compared', True), model
   derived = _layout(model, 224)
-  assert layout.compare(derived, entry, reference) == []
+  assert layout_compare.compare(derived, entry, reference) == []
   assert derived.total_params == entry['total_params']
   if reference.startswith('keras'):
     # count_params() counts BN moving statistics: our params + batch_stats.
@@ -263,7 +265,7 @@ def _table_rows(text: str) -> list[list[str]]:
 
 
 def test_cli_resnet50_shows_the_stage1_projection(capsys):
-  assert layout.main(['resnet50']) == 0
+  assert layout_report.main(['resnet50']) == 0
   out = capsys.readouterr().out
   rows = _table_rows(out)
   assert rows[0][:4] == ['1', '0', '64->256', '56->56']
@@ -273,7 +275,7 @@ def test_cli_resnet50_shows_the_stage1_projection(capsys):
 
 
 def test_cli_resnet18_projections_all_have_stride_2(capsys):
-  assert layout.main(['resnet18']) == 0
+  assert layout_report.main(['resnet18']) == 0
   out = capsys.readouterr().out
   rows = _table_rows(out)
   assert len(rows) == 8
@@ -285,7 +287,7 @@ def test_cli_resnet18_projections_all_have_stride_2(capsys):
 
 
 def test_cli_resnet20_zero_pad_shortcuts_have_no_parameters(capsys):
-  assert layout.main(['resnet20']) == 0
+  assert layout_report.main(['resnet20']) == 0
   out = capsys.readouterr().out
   shortcuts = [row[-2] for row in _table_rows(out)
                if row[-2] != 'identity']
@@ -295,7 +297,7 @@ def test_cli_resnet20_zero_pad_shortcuts_have_no_parameters(capsys):
 
 
 def test_cli_reports_a_mismatch_in_words(capsys):
-  assert layout.main(['resnet50', 'stride_in=1x1']) == 1
+  assert layout_report.main(['resnet50', 'stride_in=1x1']) == 1
   out = capsys.readouterr().out
   assert 'reference torchvision: MISMATCH in 3 place(s)' in out
   assert ('    stage 2 block 0: strided conv 1x1 here vs 3x3 in torchvision'
@@ -309,7 +311,7 @@ def test_cli_reports_a_mismatch_in_words(capsys):
 def test_cli_mismatch_groups_strides_first_then_aligned_counts_with_cause(
     capsys):
   """Was 19 lines of 'parameters is 75008 here but 75328', strides among them."""
-  assert layout.main(['resnet50', '--reference', 'gluon_v1',
+  assert layout_report.main(['resnet50', '--reference', 'gluon_v1',
                       '--reference-model', 'gluon_resnet50_v1']) == 1
   out = capsys.readouterr().out
   lines = out[out.index('MISMATCH'):].splitlines()
@@ -331,7 +333,7 @@ def test_cli_mismatch_groups_strides_first_then_aligned_counts_with_cause(
 
 def test_cli_reference_without_the_model_compares_its_named_variant(capsys):
   """Was exit 2 and 'set reference=None' (a config field, not a flag)."""
-  assert layout.main(['resnet50', '--reference', 'gluon_v1']) == 1
+  assert layout_report.main(['resnet50', '--reference', 'gluon_v1']) == 1
   out = capsys.readouterr().out
   assert ('reference gluon_v1 has no entry resnet50: comparing with '
           'resnet50_v1; the others: gluon_resnet50_v1 (--reference-model '
@@ -340,30 +342,30 @@ def test_cli_reference_without_the_model_compares_its_named_variant(capsys):
 
 
 def test_cli_missing_entry_names_the_cli_flag_and_the_closest_entries(capsys):
-  assert layout.main(['resnet20', '--reference', 'torchvision']) == 2
+  assert layout_report.main(['resnet20', '--reference', 'torchvision']) == 2
   err = capsys.readouterr().err
   assert ("Name one with --reference-model NAME (closest: resnet50, "
           'resnet152)') in err
   assert 'pass --reference none to skip' in err
   assert 'reference=None' not in err
   # The underscore spelling of the flag is taken too.
-  assert layout.main(['resnet50', '--reference', 'gluon_v1',
+  assert layout_report.main(['resnet50', '--reference', 'gluon_v1',
                       '--reference_model', 'resnet50_v1']) == 1
 
 
 def test_cli_keras_v2_mismatch_and_keras_match(capsys):
-  assert layout.main(['resnet50_v2', '--reference', 'keras_v2',
+  assert layout_report.main(['resnet50_v2', '--reference', 'keras_v2',
                       '--reference-model', 'keras_resnet50_v2']) == 1
   assert ('    stage 2 block 3: strided conv    none     here vs 3x3       '
           'in keras_v2') in capsys.readouterr().out
-  assert layout.main(['resnet50_v1', '--reference', 'keras']) == 0
+  assert layout_report.main(['resnet50_v1', '--reference', 'keras']) == 0
   out = capsys.readouterr().out
   assert 'reference keras: MATCH' in out
   assert 'parameter counts not compared: Keras gives every conv a bias' in out
 
 
 def test_cli_keras_v2_preset_matches_with_counts(capsys):
-  assert layout.main(['keras_resnet50_v2']) == 0
+  assert layout_report.main(['keras_resnet50_v2']) == 0
   out = capsys.readouterr().out
   assert ('reference keras_v2: MATCH (16 blocks, stem, strides, shortcuts '
           'and parameter counts agree)') in out
@@ -380,11 +382,11 @@ def test_cli_gluon_answers_the_stride_question(capsys):
   # Gluon's resnet50_v1: stage 1's projection has stride 1 (the max-pool
   # already halved the size); resnet18_v1 has no stage-1 projection and
   # stride-2 projections elsewhere.
-  assert layout.main(['gluon_resnet50_v1']) == 0
+  assert layout_report.main(['gluon_resnet50_v1']) == 0
   out = capsys.readouterr().out
   assert 'the projection is a 1x1 with stride 1 (64->256)' in out
   assert 'reference gluon_v1: MATCH' in out and 'parameter counts agree' in out
   assert 'conv biases on: conv1, conv3' in out
-  assert layout.main(['gluon_resnet18_v1']) == 0
+  assert layout_report.main(['gluon_resnet18_v1']) == 0
   rows = _table_rows(capsys.readouterr().out)
   assert [r[-2] for r in rows if 'conv' in r[-2]] == ['1x1 conv s2 + BN'] * 3

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from flax_resnet import layout as layout_lib
+from flax_resnet import layout_check
 from flax_resnet.data import pipeline
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config as config_lib
@@ -153,7 +153,7 @@ def test_layout_mismatch_refuses_to_train_before_compiling(tmp_path):
   config = digits_config(reference='paper', image_size=32)
   config.model_overrides.shortcut = 'B'
   config.model_overrides.depths = (3, 3, 3)
-  with pytest.raises(layout_lib.LayoutMismatch, match='shortcut') as e:
+  with pytest.raises(layout_check.LayoutMismatch, match='shortcut') as e:
     loop.train_and_evaluate(config, str(tmp_path))
   assert 'stage 2 block 0' in str(e.value)
   assert 'reference=None' in str(e.value)
@@ -183,7 +183,7 @@ def test_class_count_does_not_hide_a_real_difference():
   config = importlib.import_module('configs.cifar100_resnet56').get_config()
   config.model_overrides.shortcut = 'B'
   spec = config_check.model_spec(config)
-  with pytest.raises(layout_lib.LayoutMismatch, match='stage 2 block 0'):
+  with pytest.raises(layout_check.LayoutMismatch, match='stage 2 block 0'):
     loop.check_layout(config, spec, is_lead=False)
 
 

@@ -24,6 +24,7 @@ import pytest
 from flax_resnet.train import checkpoint as checkpoint_lib
 from flax_resnet.train import config_check
 from flax_resnet.train import loop
+from flax_resnet.train import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,12 +36,12 @@ from fault_config import with_fields as fault_config  # tests/ is on sys.path
 # writing its record, to stand for a kill during acquisition).
 HOLDER = '''
 import os, sys, time
-from flax_resnet.train import checkpoint
+from flax_resnet.train import workdir
 if sys.argv[2] == 'stall_in_record':
   # Called once the flock is taken, to write the record: stop right there.
   os.pwrite = lambda *a: (print('locked, no record', flush=True),
                           time.sleep(600))
-lock = checkpoint.WorkdirLock(sys.argv[1]).acquire()
+lock = workdir.WorkdirLock(sys.argv[1]).acquire()
 print('locked', flush=True)
 time.sleep(600)
 '''
@@ -69,8 +70,8 @@ class Holder:
 
 
 def refusal(workdir) -> str:
-  with pytest.raises(checkpoint_lib.WorkdirBusyError) as e:
-    checkpoint_lib.WorkdirLock(workdir).acquire()
+  with pytest.raises(workdir_lib.WorkdirBusyError) as e:
+    workdir_lib.WorkdirLock(workdir).acquire()
   return str(e.value)
 
 
@@ -78,7 +79,7 @@ def refusal(workdir) -> str:
 
 
 def test_second_lock_in_this_process_is_refused_naming_the_holder(tmp_path):
-  with checkpoint_lib.WorkdirLock(tmp_path):
+  with workdir_lib.WorkdirLock(tmp_path):
     message = refusal(tmp_path)
   assert f'workdir {tmp_path} is in use by another run' in message
   assert f'pid {os.getpid()} on host {socket.gethostname()}, started 20' in (
@@ -96,7 +97,7 @@ def test_lock_held_by_another_process_is_refused_then_free_after_it_dies(
   record = json.loads((tmp_path / '.lock').read_text())
   assert record['pid'] == holder.proc.pid
   with caplog.at_level(logging.WARNING):
-    lock = checkpoint_lib.WorkdirLock(tmp_path).acquire()
+    lock = workdir_lib.WorkdirLock(tmp_path).acquire()
   assert lock.previous_holder['pid'] == holder.proc.pid
   assert 'taking over the workdir lock' in caplog.text
   assert 'ended without releasing it' in caplog.text
@@ -109,7 +110,7 @@ def test_kill_during_lock_acquisition_leaves_nothing_stuck(tmp_path):
     # It holds the flock but has not written who it is: refused all the same.
     assert 'a process that is starting up' in refusal(tmp_path)
     holder.kill()
-  lock = checkpoint_lib.WorkdirLock(tmp_path).acquire()
+  lock = workdir_lib.WorkdirLock(tmp_path).acquire()
   assert lock.previous_holder is None  # nothing was written before the kill
   lock.release()
 
@@ -120,15 +121,15 @@ def test_kill_during_lock_acquisition_leaves_nothing_stuck(tmp_path):
     ids=['empty', 'cut_short', 'binary', 'null', 'list', 'dead_pid'])
 def test_any_stale_lock_file_is_taken_over(left_behind, tmp_path):
   (tmp_path / '.lock').write_bytes(left_behind)
-  lock = checkpoint_lib.WorkdirLock(tmp_path).acquire()
+  lock = workdir_lib.WorkdirLock(tmp_path).acquire()
   assert json.loads((tmp_path / '.lock').read_text())['pid'] == os.getpid()
   lock.release()
 
 
 def test_a_clean_release_leaves_no_holder_behind(tmp_path):
-  checkpoint_lib.WorkdirLock(tmp_path).acquire().release()
+  workdir_lib.WorkdirLock(tmp_path).acquire().release()
   assert (tmp_path / '.lock').read_text() == ''
-  lock = checkpoint_lib.WorkdirLock(tmp_path).acquire()
+  lock = workdir_lib.WorkdirLock(tmp_path).acquire()
   assert lock.previous_holder is None
   lock.release()
 
@@ -137,7 +138,7 @@ def test_train_and_evaluate_refuses_a_locked_workdir_before_compiling(
     tmp_path):
   with Holder(tmp_path) as holder:
     assert holder.first_line == 'locked'
-    with pytest.raises(checkpoint_lib.WorkdirBusyError) as e:
+    with pytest.raises(workdir_lib.WorkdirBusyError) as e:
       loop.train_and_evaluate(fault_config(), str(tmp_path))
     assert f'pid {holder.proc.pid}' in str(e.value)
   assert not (tmp_path / 'metrics.jsonl').exists()
@@ -342,6 +343,6 @@ def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch,
 
   monkeypatch.setattr(fcntl, 'flock', no_locks)
   with caplog.at_level(logging.WARNING):
-    lock = checkpoint_lib.WorkdirLock(tmp_path).acquire()
+    lock = workdir_lib.WorkdirLock(tmp_path).acquire()
   assert 'this filesystem has no file locks' in caplog.text
   lock.release()

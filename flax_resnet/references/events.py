@@ -4,7 +4,7 @@ Every library's probe reports a list of events in call order: 'start'/'end'
 of a residual block (with its shapes and trainable parameter count) and
 'leaf' for a layer (kind, kernel, stride, bias, shapes, and inside a block
 whether it sits on the main path or the shortcut). `entry_from_events` turns
-that into a reference entry, the schema `layout.compare` reads.
+that into a reference entry, the schema `layout_compare.compare` reads.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _block_row(start: dict[str, Any], ops: list[dict[str, Any]],
 
 def entry_from_events(probe: Probe,
                       counts_note: Optional[str] = None) -> dict[str, Any]:
-  """A reference entry (the schema `layout.compare` reads) from a probe.
+  """A reference entry (the schema `layout_compare.compare` reads) from a probe.
 
   Every count is the library's own: per block and in the stem the trainable
   parameters (conv weights and biases, BN gamma and beta), `total_params`

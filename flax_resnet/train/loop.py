@@ -30,6 +30,7 @@ from flax_resnet.train import parallel
 from flax_resnet.train import run_checks
 from flax_resnet.train import signals
 from flax_resnet.train import steps as steps_lib
+from flax_resnet.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +206,11 @@ class _Run:
     info = data_lib.dataset_info(config)  # also checks num_classes and splits
     self.workdir_path = workdir_path = run_checks.check_workdir(workdir)
     with stop.deferred('checking the workdir'):
-      _check_writable(workdir_path)
-    checkpoint_lib.check_checkpoint_directory(workdir_path / 'checkpoints')
+      workdir_lib.check_writable(workdir_path)
+    workdir_lib.check_checkpoint_directory(workdir_path / 'checkpoints')
     if self.is_lead:
       with stop.deferred('taking the workdir lock'):
-        cleanup.enter_context(checkpoint_lib.WorkdirLock(workdir_path))
+        cleanup.enter_context(workdir_lib.WorkdirLock(workdir_path))
     stop.phase = 'checking the layout'
     run_checks.check_batch_norm_statistics(
         config, run_checks.check_layout(config, spec, self.is_lead))
@@ -459,19 +460,6 @@ class _Run:
       return f'Saving step {self.step} failed too ({e}).'
     return f'{saved[0].upper()}{saved[1:]}; rerun the same command to resume.'
 
-
-def _check_writable(workdir_path: pathlib.Path):
-  try:
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    # One name per process: processes sharing a workdir must not remove each
-    # other's probe.
-    probe = workdir_path / f'.write_test.{jax.process_index()}.{os.getpid()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise config_check.ConfigError(
-        f'--workdir {workdir_path} is not writable ({e.strerror}); choose a '
-        'folder you can write to.') from e
 
 def _compile(jitted, what: str, is_lead: bool, *args):
   """Compiles `jitted` for `args` ahead of time, saying so and how long."""

@@ -16,6 +16,8 @@ import pathlib
 from typing import Optional
 
 from flax_resnet import layout as layout_lib
+from flax_resnet import layout_check
+from flax_resnet import layout_report
 from flax_resnet import references
 from flax_resnet import zoo
 from flax_resnet.model import ResNet
@@ -84,7 +86,7 @@ def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
   if is_lead:
     print(f'\n{config.model}: {layout.total_params:,} parameters, input '
           f'{size}x{size}')
-    print(layout_lib.format_table(layout))
+    print(layout_report.format_table(layout))
   if ref is None:
     if is_lead:
       print('layout reference: none (config.reference=None), not checked')
@@ -102,7 +104,7 @@ def check_layout(config, spec, is_lead: bool) -> layout_lib.Layout:
     checked = layout_lib.derive_layout(
         ResNet(dataclasses.replace(spec, num_classes=ref_classes)),
         (1, ref_size, ref_size, 3), config.model)
-  layout_lib.check(checked, ref, entry_name, spec=spec)
+  layout_check.check(checked, ref, entry_name, spec=spec)
   if is_lead:
     head_note = ('' if ref_classes == spec.num_classes else
                  f'; head compared at the reference\'s {ref_classes} classes, '
