@@ -163,6 +163,22 @@ def _drop_abandoned_reads() -> None:
   later, from other threads and the garbage collector).
   """
   unraisable.drop(_is_abandoned_read)
+  asyncio_log = logging.getLogger('asyncio')
+  if _drop_unretrieved_reads not in asyncio_log.filters:
+    asyncio_log.addFilter(_drop_unretrieved_reads)
+
+
+def _drop_unretrieved_reads(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of an abandoned orbax read (drops it).
+
+  A read task that failed after its restore had already given up is never
+  awaited; when it is garbage collected asyncio logs 'Task exception was never
+  retrieved' with the whole traceback, from whichever thread collects it.
+  """
+  message = record.getMessage()
+  return not (message.startswith('Task exception was never retrieved')
+              and 'coro=<async_deserialize() ' in message
+              and f'orbax{os.sep}checkpoint' in message)
 
 
 # How tensorstore (which writes the arrays) reports an OS error.
