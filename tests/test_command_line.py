@@ -10,6 +10,7 @@ import time
 import pytest
 
 import inference_runs
+import stop_handlers
 from flax_resnet.data import builders, digits
 
 USAGE_ERRORS = [
@@ -50,27 +51,6 @@ def _start(argv):
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_stop_handler(process, timeout=60):
-  """Returns once the command has installed its SIGINT/SIGTERM handler.
-
-  Until then the interpreter is still starting (runpy, numpy), where Python's
-  own KeyboardInterrupt applies; a fixed sleep guessed at that moment and lost
-  under load. The kernel shows the handler: SIGTERM's bit in SigCgt (Python
-  itself catches SIGINT from the start, SIGTERM only once it is handled).
-  """
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline and process.poll() is None:
-    with open(f'/proc/{process.pid}/status') as status:
-      caught = next(int(line.split()[1], 16) for line in status
-                    if line.startswith('SigCgt:'))
-    if caught & (1 << (signal.SIGTERM - 1)):
-      return
-    time.sleep(0.01)
-  process.kill()
-  pytest.fail('the command never installed its stop handler: '
-              f'{process.communicate()}')
-
-
 def _stopped(process, signum):
   process.send_signal(signum)
   sent = time.monotonic()
@@ -88,7 +68,7 @@ def test_signal_while_importing_ends_at_once_without_traceback(tmp_path,
   image.write_bytes(builders.png_bytes(digits.load_split('test')[0][0]))
   process = _start(['flax_resnet.predict', image, '--model', 'resnet20',
                     '--weights', tmp_path / 'w.pth'])
-  _wait_for_stop_handler(process)
+  stop_handlers.wait_for_stop_handler(process)
   seconds, out, err = _stopped(process, signum)
   assert process.returncode == 128 + signum, (out, err)
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err

@@ -88,6 +88,30 @@ def test_links_back_into_the_tree_are_read_once(tmp_path, link, target):
       (p, 0 if '/cat/' in p else 1) for p in paths if '/train/' in p)
 
 
+@pytest.mark.parametrize('link, target', [
+    ('dog', 'cat'),  # before: cat's images listed again as dog's
+    ('all', '.'),  # a class holding every other class
+    ('pets', '../..'),  # the root: every split under one more class
+])
+def test_a_class_folder_linked_to_another_class_is_refused(tmp_path, capsys,
+                                                          link, target):
+  """A leftover of round 7: `dog -> cat` read each image under both labels."""
+  image_tree(tmp_path / 'pets',
+             classes=('cat', 'eel') if link == 'dog' else ('cat', 'dog'))
+  os.symlink(target, tmp_path / 'pets' / 'train' / link)
+  with pytest.raises(image_folder.SourceError) as e:
+    listed(tmp_path / 'pets')
+  message = str(e.value)
+  real = os.path.realpath(tmp_path / 'pets' / 'train' / link)
+  assert f'lead to the same images ({real}), which would be read under two labels' in message, message
+  assert f'replace the link {tmp_path}/pets/train/{link} ' in message, message
+  rc, err = run_main(capsys, 'my_pets', '--source', tmp_path / 'pets',
+                     '--data_dir', tmp_path / 'data')
+  assert_one_error_line(rc, err)
+  assert "class folders '" in err and f"'{link}'" in err, err
+  assert not os.path.exists(tmp_path / 'data' / 'my_pets')
+
+
 def test_symlinked_class_and_subfolders_are_followed(tmp_path):
   """Legitimate links: a class kept on another disk, a shared subfolder."""
   image_tree(tmp_path / 'root')

@@ -10,7 +10,9 @@ must be at least 2, and no other split may have a class train lacks. Files
 are those with an image extension torchvision accepts; hidden files and
 folders are skipped. Symlinked folders are followed, but each folder is read
 once: a link back to a folder already read (a loop such as `cat/again -> .`)
-or to a folder holding the split is skipped.
+or to a folder holding the split is skipped. A class folder that is (or
+holds) another class folder, such as a link `dog -> cat`, is refused: its
+images would carry two labels.
 
 Use it directly with `--config.dataset=folder:/path/to/ROOT` (files are read
 as training goes, like torchvision), or write it once as a TFDS dataset with
@@ -105,6 +107,7 @@ class ImageFolder:
         raise SourceError(
             f'{base} has class folders {unknown} that train/ does not have; '
             f'every split must use the classes of train/: {self.classes}.')
+      _check_classes_apart(base, self.classes)
       files = []
       walk = _Walk(os.path.realpath(base),
                    [os.path.join(base, name) for name in self.classes])
@@ -150,6 +153,31 @@ class ImageFolder:
         fix = '' if e.fix == images.FIX else f'; {e.fix}'
         bad.append(f'{e.where} ({e.reason}{fix})')
     return bad
+
+
+def _check_classes_apart(base: str, classes: list[str]) -> None:
+  """Refuses two class folders of which one is (or holds) the other.
+
+  A class folder linked to another class (`dog -> cat`, or `all -> .`) would
+  put the same images under two labels.
+  """
+  real = {}
+  for name in classes:
+    folder = os.path.join(base, name)
+    if os.path.isdir(folder):
+      real[name] = os.path.realpath(folder)
+  for name, path in real.items():
+    for other, other_path in real.items():
+      if other != name and (path == other_path or
+                            other_path.startswith(path + os.sep)):
+        link = name if os.path.islink(os.path.join(base, name)) else other
+        raise SourceError(
+            f'{images.printable(base)}: class folders '
+            f'{images.printable(name)!r} and {images.printable(other)!r} '
+            f'lead to the same images ({images.printable(path)}), which '
+            f'would be read under two labels; replace the link '
+            f'{images.printable(os.path.join(base, link))} with a folder of '
+            'its own images, or remove it.')
 
 
 class _Walk:

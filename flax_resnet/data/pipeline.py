@@ -123,11 +123,26 @@ def input_worker_error(error: Exception):
 
   grain 0.2.18 raises a RuntimeError with the exit code in its message (and
   a traceback filtered of its frames); the message is all there is to go by.
+  A batch whose shared memory is gone (FileNotFoundError on /psm_...) is the
+  same failure seen first from the segment's side: the worker's exit code is
+  then read from the dead process, if it is not reaped yet.
   """
-  match = _WORKER_DIED.search(str(error))
-  if match is None:
-    return None
-  code = int(match.group(1))
+  if isinstance(error, FileNotFoundError):
+    segment = str(error.filename or '')
+    if not segment.startswith('/psm_'):
+      return None
+    code = worker_memory.dead_worker_exit_code()
+    if code is None:
+      return InputWorkerError(
+          f'a batch of the input worker processes was lost: its shared '
+          f'memory {segment} is gone (a worker process died, or something '
+          'cleared /dev/shm). If it recurs, lower config.worker_count or '
+          'config.batch_size (memory), or set worker_count=0.')
+  else:
+    match = _WORKER_DIED.search(str(error))
+    if match is None:
+      return None
+    code = int(match.group(1))
   if code < 0:
     try:
       name = signal.Signals(-code).name
@@ -208,12 +223,18 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self):
     self._assert_not_closed()
     try:
-      batch = next(self._start())
-    except RuntimeError as e:
+      if self._running is None and self.worker_count:
+        batch = self._first_batch()
+      else:
+        batch = next(self._start())
+    except (RuntimeError, OSError) as e:
       died = input_worker_error(e)
       if died is None:
         raise
-      self._stop()  # its shared memory goes with the surviving workers
+      try:
+        self._stop()  # its shared memory goes with the surviving workers
+      except OSError:
+        pass  # a dead worker's segment freed twice: its death is the error
       raise died from None
     self._next_batch += 1
     return batch
@@ -251,10 +272,22 @@ class TrainIterator(grain.DatasetIterator):
           self._prefetch_batches))
     return self._running
 
+  def _first_batch(self):
+    """The first batch of a (re)started stream, its workers started with the
+    stop signals blocked (`worker_memory.first_next`)."""
+    try:
+      return worker_memory.first_next(self._start())
+    except BaseException as e:
+      if not isinstance(e, Exception):  # Ctrl-C or a stop while waiting
+        # Its thread may still be reading: the next next() starts afresh
+        # (at the same batch), not beside it.
+        self._stop()
+      raise
+
   def _stop(self) -> None:
     if self._running is not None:
-      self._running.close()
-      self._running = None
+      running, self._running = self._running, None
+      running.close()
 
   def __str__(self) -> str:
     return f'TrainIterator({self.get_state()})'
@@ -328,12 +361,17 @@ class EvalPasses:
       finally:
         iterator.close()
       return
-    if self._iterator is None:
+    starting = self._iterator is None
+    if starting:
       self._iterator = iter(grain.experimental.RepeatIterDataset(self._dataset))
     finished = False
     try:
       for _ in range(self._num_batches):
-        yield next(self._iterator)
+        if starting:
+          starting = False
+          yield worker_memory.first_next(self._iterator)
+        else:
+          yield next(self._iterator)
       finished = True
     finally:
       if not finished:

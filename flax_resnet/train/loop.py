@@ -118,7 +118,7 @@ def evaluate(eval_step, state, eval_iterator, mesh) -> dict[str, float]:
     for batch in eval_iterator:
       out = eval_step(state, parallel.global_batch(batch, mesh))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  except RuntimeError as e:
+  except (RuntimeError, OSError) as e:
     died = data_lib.pipeline.input_worker_error(e)
     if died is None:
       raise
@@ -178,6 +178,7 @@ class _Run:
     self.total_steps: Optional[int] = None
     self.step = 0
     self.saved_step = 0  # the newest step a checkpoint holds (0: none)
+    self.steps_on_disk: list[int] = []  # found before restoring
     self.status = 'completed'
     self.last_train: dict[str, float] = {}
     self.last_eval: dict[str, float] = {}
@@ -265,10 +266,14 @@ class _Run:
         workdir_path / 'checkpoints', keep=config.keep_checkpoints,
         keep_best=config.keep_best)
     cleanup.callback(ckpt.close)
+    self.steps_on_disk = ckpt.all_steps()
     stop.phase = 'restoring the checkpoint'
     restored = ckpt.restore_latest(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=x.sharding), state), self.meta)
+    if restored is not None:
+      state, data_state, self.step = restored
+      self.saved_step = self.step
     stop.phase = 'opening the train split'
     self.train_iter = data_lib.make_train_iterator(
         config, process_index=jax.process_index(), process_count=process_count)
@@ -276,9 +281,7 @@ class _Run:
     # they are joined after a long timeout and leak their shared memory.
     cleanup.callback(self.train_iter.close)
     if restored is not None:
-      state, data_state, self.step = restored
       self.train_iter.set_state(data_state)
-      self.saved_step = self.step
       log.info('resumed from step %d in %s', self.step, ckpt.directory)
     elif config_check.init_from(config) is not None:
       stop.phase = 'loading config.init_from'
@@ -440,6 +443,9 @@ class _Run:
       if self.step:
         return (f'nothing trained since the checkpoint at step {self.step}, '
                 'nothing to save')
+      if self.steps_on_disk:  # stopped before the restore ended
+        return ('nothing trained since the checkpoints up to step '
+                f'{self.steps_on_disk[-1]}, nothing to save')
       return 'nothing trained yet, nothing to save'
     self.flush()
     self.save()
