@@ -806,7 +806,7 @@ def test_segments_a_dead_worker_was_filling_are_unlinked(tmp_path,
   """A SIGKILLed worker's in-flight batch: only its noted name knows it."""
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
   from flax_resnet.data import worker_memory  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(worker_memory._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
+  monkeypatch.setattr(worker_memory, '_folder', str(tmp_path))
   dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)
   dead_pid = int(dead.stdout)
@@ -883,38 +883,55 @@ def test_a_vanished_batch_segment_is_the_dead_workers_error(tmp_path,
   reported as a missing path under config.data_dir."""
   from flax_resnet.data import pipeline  # pylint: disable=g-import-not-at-top
   from flax_resnet.data import worker_memory  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(worker_memory._SEGMENTS_ENV, str(tmp_path))  # pylint: disable=protected-access
+  monkeypatch.setattr(worker_memory, '_folder', str(tmp_path))
   vanished = FileNotFoundError(2, 'No such file or directory', '/psm_0a1b2c')
   lost = pipeline.input_worker_error(vanished)
   assert str(lost).startswith(
       'a batch of the input worker processes was lost: its shared memory '
       '/psm_0a1b2c is gone (a worker process died, or something cleared '
       '/dev/shm).'), lost
-  worker = subprocess.Popen(['sleep', '600'])
+  other, worker = (subprocess.Popen(['sleep', '600']) for _ in range(2))
   try:
-    (tmp_path / str(worker.pid)).write_text('/psm_0a1b2c')
+    # Another dead worker, which never made that segment: not its death.
+    (tmp_path / str(other.pid)).write_text('/psm_ffffff')
+    other.send_signal(signal.SIGTERM)
+    (tmp_path / str(worker.pid)).write_text('/psm_999999\n/psm_0a1b2c')
     worker.kill()  # not reaped: a zombie whose status /proc still holds
     deadline = time.time() + 30
-    while worker_memory.dead_worker_exit_code() is None:
+    while (worker_memory.dead_worker_exit_code('/psm_0a1b2c') is None or
+           worker_memory.dead_worker_exit_code('/psm_ffffff') is None):
       assert time.time() < deadline, 'the killed process never became a zombie'
       time.sleep(0.01)
+    assert worker_memory.dead_worker_exit_code('/psm_ffffff') == -signal.SIGTERM
     died = pipeline.input_worker_error(vanished)
     assert isinstance(died, data_lib.InputWorkerError)
     assert str(died).startswith('an input worker process died (killed by '
                                 'signal 9 (SIGKILL)'), died
+    assert str(pipeline.input_worker_error(FileNotFoundError(
+        2, 'No such file or directory', '/psm_123456'))).startswith(
+            'a batch of the input worker processes was lost'), (
+                'a segment no dead worker noted')
   finally:
-    worker.wait()
+    for process in (other, worker):
+      process.wait()
   assert pipeline.input_worker_error(
       FileNotFoundError(2, 'No such file or directory', '/data/x.tfrecord')
   ) is None
 
 
+def _stop_signal_masks(pid: int) -> dict[str, int]:
+  """SIGINT's and SIGTERM's bits of process `pid`'s blocked and ignored
+  masks, right now."""
+  stop_bits = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+  with open(f'/proc/{pid}/status') as status:
+    return {key: int(value, 16) & stop_bits for key, value in (
+        line.split(':', 1) for line in status)
+            if key in ('SigBlk', 'SigIgn')}
+
+
 def _stop_signals_left_alone(pid: int) -> bool:
   """SIGINT and SIGTERM blocked or ignored in process `pid` right now."""
-  with open(f'/proc/{pid}/status') as status:
-    masks = {key: int(value, 16) for key, value in (
-        line.split(':', 1) for line in status)
-             if key in ('SigBlk', 'SigIgn')}
+  masks = _stop_signal_masks(pid)
   left_alone = masks['SigBlk'] | masks['SigIgn']
   return all(left_alone & (1 << (sig - 1))
              for sig in (signal.SIGINT, signal.SIGTERM))
@@ -934,26 +951,34 @@ def test_input_workers_never_take_a_stop_signal_even_while_starting(pipeline):
     first = lambda: next(iterator)
   else:
     iterator = data_lib.make_eval_iterator(config, passes=True)
-    first = lambda: next(iterator.one_pass())
+    one_pass = iterator.one_pass()  # kept: a pass dropped closes the workers
+    first = lambda: next(one_pass)
+  before = {child.pid for child in psutil.Process().children()}
   got = concurrent.futures.ThreadPoolExecutor(1).submit(first)
   samples = {}
   try:
     while not got.done():
       for child in psutil.Process().children():
         try:
-          if '--multiprocessing-fork' in child.cmdline():
+          if (child.pid not in before and
+              '--multiprocessing-fork' in child.cmdline()):
             samples.setdefault(child.pid, []).append(
                 _stop_signals_left_alone(child.pid))
         except (psutil.NoSuchProcess, FileNotFoundError, StopIteration):
           pass
       time.sleep(0.001)
     assert got.result()['image'].shape[0] > 0
+    masks_after_start = {pid: _stop_signal_masks(pid) for pid in samples}
   finally:
     iterator.close()
   assert len(samples) == 1, samples
-  [worker_samples] = samples.values()
+  [(pid, worker_samples)] = samples.items()
   assert len(worker_samples) > 10, worker_samples  # its start was watched
   assert all(worker_samples), worker_samples
+  # Once started: ignored, no longer blocked (what it starts inherits that).
+  assert masks_after_start[pid] == {'SigBlk': 0, 'SigIgn': (
+      1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))}, (
+          masks_after_start)
 
 
 def test_a_stop_during_the_restore_names_the_checkpoints_kept(

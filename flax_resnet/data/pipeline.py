@@ -131,7 +131,7 @@ def input_worker_error(error: Exception):
     segment = str(error.filename or '')
     if not segment.startswith('/psm_'):
       return None
-    code = worker_memory.dead_worker_exit_code()
+    code = worker_memory.dead_worker_exit_code(segment)
     if code is None:
       return InputWorkerError(
           f'a batch of the input worker processes was lost: its shared '
@@ -281,7 +281,10 @@ class TrainIterator(grain.DatasetIterator):
       if not isinstance(e, Exception):  # Ctrl-C or a stop while waiting
         # Its thread may still be reading: the next next() starts afresh
         # (at the same batch), not beside it.
-        self._stop()
+        try:
+          self._stop()
+        except Exception:  # pylint: disable=broad-except
+          pass  # closed beside that thread; the stop is what to report
       raise
 
   def _stop(self) -> None:

@@ -5,8 +5,9 @@ worker that is killed leaves the segment it was filling, which no one else
 can name, and grain frees handed-over segments on a background thread that
 may still be busy at exit: either way Python's resource tracker warns of
 "leaked shared_memory objects" (and /dev/shm fills). Here workers note their
-newest segments, the main process unlinks a dead worker's, and
-`release_shared_memory` frees what was handed over. Workers leave
+newest segments, the main process unlinks a dead worker's,
+`release_shared_memory` frees what was handed over, and at exit the main
+process unlinks the segments it still maps. Workers leave
 SIGINT/SIGTERM to the main process, from their first instruction on
 (`first_next`).
 """
@@ -43,14 +44,14 @@ def first_next(iterator):
   outcome = []
 
   def run():
-    # Starting Python's resource tracker unblocks the stop signals in the
-    # thread that starts it (multiprocessing.resource_tracker.ensure_running,
-    # CPython 3.11), which grain's threads would do on first use: started
-    # first, it leaves the mask set below alone.
-    from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
-    resource_tracker.ensure_running()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+      # Starting Python's resource tracker unblocks the stop signals in the
+      # thread that starts it (resource_tracker.ensure_running, CPython
+      # 3.11), which grain's threads would do on first use: started first,
+      # it leaves the mask set below alone.
+      from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+      resource_tracker.ensure_running()
+      signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
       outcome.append((True, next(iterator)))
     except BaseException as e:  # pylint: disable=broad-except
       outcome.append((False, e))
@@ -109,52 +110,95 @@ def _note_new_segments(path: str) -> None:
   resource_tracker.register = noting_register
 
 
+# This process's folder of its workers' notes. Not read from the environment:
+# a program started by one that ran a pipeline inherits that one's variable.
+_folder = None
+
+
 def segments_folder() -> str:
   """This process's folder of its workers' segment notes (made once)."""
-  folder = os.environ.get(_SEGMENTS_ENV)
-  if folder is None or not os.path.isdir(folder):
+  global _folder
+  if _folder is None or not os.path.isdir(_folder):
     import tempfile  # pylint: disable=g-import-not-at-top
-    folder = tempfile.mkdtemp(prefix='flax_resnet_segments_')
-    os.environ[_SEGMENTS_ENV] = folder  # inherited by the workers it spawns
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    atexit.register(_unlink_segments_still_mapped)
-  return folder
+    from multiprocessing import util  # pylint: disable=g-import-not-at-top
+    first = _folder is None
+    _folder = tempfile.mkdtemp(prefix='flax_resnet_segments_')
+    os.environ[_SEGMENTS_ENV] = _folder  # inherited by the workers it spawns
+    atexit.register(shutil.rmtree, _folder, ignore_errors=True)
+    if first:
+      _track_registered_segments()
+      # Twice: before multiprocessing's exit function (run only after it,
+      # the warning came back in 3 of 8 loaded runs: it terminates thread
+      # pools, grain's deletion pool among them, dropping queued deletions),
+      # and after it, once grain's finalizers have closed any pipeline left
+      # open and the workers are joined.
+      atexit.register(_unlink_segments_still_mapped)
+      util.Finalize(None, _unlink_segments_still_mapped, exitpriority=-1)
+  return _folder
+
+
+# Segments this process told the resource tracker of (Python 3.11 does so on
+# every SharedMemory, also one opened by name) and has not unlinked since.
+_registered: set[str] = set()
+
+
+def _track_registered_segments() -> None:
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  register, unregister = resource_tracker.register, resource_tracker.unregister
+
+  def tracked_register(name, rtype):
+    if rtype == 'shared_memory':
+      _registered.add(name)
+    register(name, rtype)
+
+  def tracked_unregister(name, rtype):
+    if rtype == 'shared_memory':
+      _registered.discard(name)
+    unregister(name, rtype)
+
+  resource_tracker.register = tracked_register
+  resource_tracker.unregister = tracked_unregister
 
 
 def _unlink_segments_still_mapped() -> None:
-  """At exit, unlinks the shared memory segments still mapped here.
+  """At exit, unlinks the segments this process opened and still maps.
 
   A batch that a thread still holds when the interpreter exits is never
   deleted, so its array never unlinks its segment: Python's resource tracker
   unlinks it after this process, warning of "leaked shared_memory objects".
-  (Seen in about 1 of 4 runs of 2 eval and 2 train workers on 2 loaded
-  cores: one batch's image opened during the first eval, never deleted.)
-  Unlinking a mapped segment frees nothing early: the mapping stays valid,
-  and the memory goes when the process does. Only where this process runs
-  its own resource tracker, which would unlink them anyway; one shared with
-  a parent process outlives this one, and so may the segments.
+  (Seen in 4 of 12 runs of 2 eval and 2 train workers on 2 loaded cores:
+  one batch's image opened during the first eval, never deleted.) Only the
+  segments this process registered with its own resource tracker and has
+  not unregistered: exactly those the tracker would unlink, without the
+  warning. (A tracker shared with a parent process outlives this one, and
+  so may the segments.) Unlinking a mapped segment frees nothing early: the
+  mapping stays valid, and the memory goes with the process.
   """
   from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
   tracker = getattr(resource_tracker, '_resource_tracker', None)
-  if getattr(tracker, '_pid', None) is None or not os.path.isdir('/proc'):
+  if getattr(tracker, '_pid', None) is None:
     return
-  for name in sorted(_mapped_segments()):
-    if not name.startswith('psm_'):
-      continue  # not made by Python's SharedMemory
+  try:
+    mapped = _mapped_segments()
+  except OSError:  # no /proc
+    return
+  for name in sorted(_registered):
+    if name.lstrip('/') not in mapped:
+      continue
     try:
-      segment = shared_memory.SharedMemory(name)
+      segment = shared_memory.SharedMemory(name.lstrip('/'))
       segment.close()
       segment.unlink()  # also tells the resource tracker
     except OSError:
       continue
-    _unlinked_here.add('/' + name)
+    _unlinked_here.add(name)
     _forgive_second_unlinks()
 
 
 def _unlink_dead_workers_segments() -> None:
   """Unlinks the segments workers that are gone had noted and not freed."""
-  folder = os.environ.get(_SEGMENTS_ENV)
+  folder = _folder
   if not folder or not os.path.isdir(folder) or not os.path.isdir('/proc'):
     return  # (without /proc, whether a worker is gone is not known here)
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
@@ -216,21 +260,28 @@ def _alive(pid: int) -> bool:
     return False
 
 
-def dead_worker_exit_code():
-  """The exit code (-N: killed by signal N) of a worker process that died
-  and is not reaped yet, or None; read from /proc (stat's exit_code field)."""
-  folder = os.environ.get(_SEGMENTS_ENV)
+def dead_worker_exit_code(segment: str):
+  """The exit code (-N: killed by signal N) of the dead worker that noted
+  `segment` (one of its newest), if not reaped yet, else None.
+
+  Read from /proc/PID/stat's exit_code field; 0 there (also where the
+  kernel hides it) is taken as unknown.
+  """
+  folder = _folder
   if not folder or not os.path.isdir(folder):
     return None
   for note in os.listdir(folder):
     if not note.isdigit():
       continue
     try:
+      with open(os.path.join(folder, note)) as f:
+        if segment not in f.read().split():
+          continue
       with open(f'/proc/{note}/stat') as f:
         fields = f.read().rsplit(')', 1)[1].split()
     except OSError:
       continue
-    if fields[0] == 'Z' and len(fields) > 49:
+    if fields[0] == 'Z' and len(fields) > 49 and int(fields[49]):
       return os.waitstatus_to_exitcode(int(fields[49]))
   return None
 
