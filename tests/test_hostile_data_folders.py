@@ -105,6 +105,12 @@ def test_a_class_folder_linked_to_another_class_is_refused(tmp_path, capsys,
   real = os.path.realpath(tmp_path / 'pets' / 'train' / link)
   assert f'lead to the same images ({real}), which would be read under two labels' in message, message
   assert f'replace the link {tmp_path}/pets/train/{link} ' in message, message
+  # Training says the same, without the advice for a missing split.
+  config = folder_config(tmp_path / 'pets',
+                         num_classes=len(os.listdir(tmp_path / 'pets/train')))
+  with pytest.raises(sources.DatasetNotFoundError) as e:
+    sources.dataset_info(config)
+  assert str(e.value) == f"config.train_split='train': {message}", e.value
   rc, err = run_main(capsys, 'my_pets', '--source', tmp_path / 'pets',
                      '--data_dir', tmp_path / 'data')
   assert_one_error_line(rc, err)

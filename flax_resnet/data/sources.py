@@ -182,11 +182,15 @@ def _image_folder(config) -> image_folder.ImageFolder:
 
 def _folder_split(folder, config, field: str):
   try:
-    return folder.files(config[field])
-  except image_folder.SourceError as e:
+    folder.split_name(config[field])
+  except image_folder.SourceError as e:  # it lists the splits there are
     raise DatasetNotFoundError(
         f'config.{field}={config[field]!r}: {e} Set config.{field} to one of '
         'them.') from e
+  try:
+    return folder.files(config[field])
+  except image_folder.SourceError as e:  # the split's own folders or files
+    raise DatasetNotFoundError(f'config.{field}={config[field]!r}: {e}') from e
 
 
 def _check_synthetic_config(config) -> None:
