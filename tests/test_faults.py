@@ -224,8 +224,12 @@ def wait_for_moment(kind: str, rng: random.Random, run: Run, workdir) -> str:
     stale = save_folders(workdir)
 
     def writing_arrays():
-      return any(p.is_file() for name, _ in save_folders(workdir) - stale
-                 for p in (workdir / 'checkpoints' / name).glob('state*/**/*'))
+      try:
+        return any(p.is_file() for name, _ in save_folders(workdir) - stale
+                   for p in (workdir / 'checkpoints' / name).glob(
+                       'state*/**/*'))
+      except FileNotFoundError:  # a tmp folder renamed (finalized) meanwhile
+        return False
 
     wait_until(writing_arrays, run, 'a save to write arrays')
     return 'mid-save'
