@@ -252,12 +252,18 @@ def _mapped_segments() -> set[str]:
             for line in f if '/dev/shm/' in line}
 
 
-def _alive(pid: int) -> bool:
+def _stat_fields(pid) -> list[str]:
+  """/proc/PID/stat from its 3rd field (state) on; [] if unreadable."""
   try:
     with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+      return f.read().rsplit(')', 1)[1].split()
   except (OSError, IndexError):
-    return False
+    return []
+
+
+def _alive(pid: int) -> bool:
+  fields = _stat_fields(pid)
+  return bool(fields) and fields[0] != 'Z'
 
 
 def dead_worker_exit_code(segment: str):
@@ -277,11 +283,10 @@ def dead_worker_exit_code(segment: str):
       with open(os.path.join(folder, note)) as f:
         if segment not in f.read().split():
           continue
-      with open(f'/proc/{note}/stat') as f:
-        fields = f.read().rsplit(')', 1)[1].split()
     except OSError:
       continue
-    if fields[0] == 'Z' and len(fields) > 49 and int(fields[49]):
+    fields = _stat_fields(note)
+    if fields[:1] == ['Z'] and len(fields) > 49 and int(fields[49]):
       return os.waitstatus_to_exitcode(int(fields[49]))
   return None
 
