@@ -1,6 +1,10 @@
 """One call on a lent GPU/TPU: train speed, input pipeline, XLA conv accuracy.
 
-  python benchmarks/device_check.py --out "$OUT/device_check.json"
+  bash benchmarks/device_wheels.sh  # here first: .whl/, the packages the
+                                    # device's image lacks (it has no index)
+  bash benchmarks/device_check.sh   # on the device, carrying .whl: installs
+                                    # them, then runs this file with
+                                    # --out "$OUT/device_check.json"
   python benchmarks/device_check.py --smoke      # CPU, tiny sizes (CI test)
 
 Measures, on the first accelerator jax sees (< 8 minutes on one H100/H200):
@@ -19,27 +23,34 @@ Measures, on the first accelerator jax sees (< 8 minutes on one H100/H200):
       function: the same resnet50 forward and gradient of the loss with
       respect to every parameter (so each conv's forward, input and kernel
       gradients), in float32 with 'highest' matmul precision, on the
-      accelerator and on the host CPU (oneDNN's convolutions there),
-      compared by relative L2 error of the logits and of all gradients
-      together, against LOGITS_TOLERANCE / GRADS_TOLERANCE.
+      accelerator and on the host CPU (oneDNN's convolutions there, or
+      XLA's where the oneDNN wheels are not installed), compared by
+      relative L2 error of the logits and of all gradients together,
+      against LOGITS_TOLERANCE / GRADS_TOLERANCE.
 
-Writes one JSON (--out, default $OUT/device_check.json when $OUT is set) and
-prints one summary line. Exit status 1 if (c) fails; 2, with an `error:`
-line, if jax sees no GPU/TPU (the CPU-only jaxlib: pip install -U
-'jax[cuda12]'). --smoke runs the same code on the CPU with tiny sizes, (c)
-then comparing XLA's convolutions with oneDNN's (tests/test_benchmarks.py).
+Writes one JSON (--out, default $OUT/device_check.json when $OUT is set),
+rewritten after every part, and prints one summary line. A part that raises
+is recorded as {"error": ...} with its traceback on stderr, and the next
+part runs. Exit status 1 if (c) fails or a part raised; 2, with an `error:`
+line, if jax sees no GPU/TPU (a CUDA plugin that did not start, or the
+CPU-only jaxlib). --smoke runs the same code on the CPU with tiny sizes, (c)
+then comparing XLA's convolutions with oneDNN's where its wheels are
+installed (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+from typing import Optional
 from unittest import mock
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,8 +69,8 @@ from PIL import Image
 import flax_resnet
 from flax_resnet import layers
 from flax_resnet.cpu import onednn
-from flax_resnet.data import jpeg
-from flax_resnet.data import pixels
+# Only jax, flax and optax: a part that needs grain or TFDS imports them
+# itself, so where they fail to import only that part fails.
 from flax_resnet.train import steps as steps_lib
 from machine import machine_info
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -136,9 +147,15 @@ def write_jpeg_folder(root: str, count: int) -> str:
   return root
 
 
-def pipeline_speed(sizes: Sizes, args, train_images_per_s: float) -> dict:
-  """(b): images/s of the train iterator on all host cores vs the step."""
+def pipeline_speed(sizes: Sizes, args,
+                   train_images_per_s: Optional[float]) -> dict:
+  """(b): images/s of the train iterator on all host cores vs the step.
+
+  `train_images_per_s` is None when (a) failed: then no ratio.
+  """
   import input_pipeline  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import jpeg  # pylint: disable=g-import-not-at-top
+  from flax_resnet.data import pixels  # pylint: disable=g-import-not-at-top
   workers = args.workers if args.workers is not None else os.cpu_count()
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
@@ -154,9 +171,11 @@ def pipeline_speed(sizes: Sizes, args, train_images_per_s: float) -> dict:
       jpeg_decoder='crop-window libjpeg-turbo' if jpeg.available() else 'PIL',
       pixel_normaliser='table' if pixels.available() else 'numpy',
       train_images_per_s=train_images_per_s,
-      pipeline_over_train=round(result['images_per_s'] / train_images_per_s,
-                                3))
-  result['bottleneck'] = result['pipeline_over_train'] < 1.0
+      pipeline_over_train=(
+          round(result['images_per_s'] / train_images_per_s, 3)
+          if train_images_per_s else None))
+  result['bottleneck'] = (result['pipeline_over_train'] is not None and
+                          result['pipeline_over_train'] < 1.0)
   return result
 
 
@@ -228,19 +247,41 @@ def conv_accuracy(sizes: Sizes, device, host) -> dict:
   }
 
 
+def _speed_text(speed: dict) -> str:
+  return (f"{speed['net']} bf16 batch {speed['batch_size']}: train "
+          f"{speed['train']['images_per_s']} img/s, eval "
+          f"{speed['eval']['images_per_s']} img/s")
+
+
+def _pipeline_text(pipe: dict) -> str:
+  if pipe['pipeline_over_train'] is None:
+    return (f"input pipeline {pipe['worker_count']} workers "
+            f"{pipe['images_per_s']} img/s (no train rate to compare)")
+  return (f"input pipeline {pipe['worker_count']} workers "
+          f"{pipe['images_per_s']} img/s = {pipe['pipeline_over_train']}x "
+          f"the train step{' (BOTTLENECK)' if pipe['bottleneck'] else ''}")
+
+
+def _conv_text(conv: dict) -> str:
+  return (f"f32 {conv['device_convs']} vs host {conv['host_convs']}: logits "
+          f"{conv['logits_relative_error']:.1e} (<= {LOGITS_TOLERANCE:.0e}), "
+          f"grads {conv['grads_relative_error']:.1e} (<= "
+          f"{GRADS_TOLERANCE:.0e}) {'OK' if conv['ok'] else 'FAIL'}")
+
+
 def summary(result: dict) -> str:
-  speed, pipe, conv = result['speed'], result['pipeline'], result['conv']
-  return (
-      f"device_check {result['device']['kind']}: {speed['net']} bf16 batch "
-      f"{speed['batch_size']}: train {speed['train']['images_per_s']} img/s, "
-      f"eval {speed['eval']['images_per_s']} img/s | input pipeline "
-      f"{pipe['worker_count']} workers {pipe['images_per_s']} img/s = "
-      f"{pipe['pipeline_over_train']}x the train step"
-      f"{' (BOTTLENECK)' if pipe['bottleneck'] else ''} | f32 "
-      f"{conv['device_convs']} vs host {conv['host_convs']}: logits "
-      f"{conv['logits_relative_error']:.1e} (<= {LOGITS_TOLERANCE:.0e}), "
-      f"grads {conv['grads_relative_error']:.1e} (<= {GRADS_TOLERANCE:.0e})"
-      f" {'OK' if conv['ok'] else 'FAIL'} | {result['wall_s']} s")
+  texts = []
+  for name, text in (('speed', _speed_text), ('pipeline', _pipeline_text),
+                     ('conv', _conv_text)):
+    part = result.get(name)
+    if part is None:
+      texts.append(f'{name}: not run')
+    elif 'error' in part:
+      texts.append(f"{name}: ERROR {part['error']}")
+    else:
+      texts.append(text(part))
+  return (f"device_check {result['device']['kind']}: " + ' | '.join(texts) +
+          f" | {result['wall_s']} s")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -281,9 +322,10 @@ def main(argv=None) -> int:
   device = jax.devices()[0]
   if device.platform == 'cpu' and not args.smoke:
     print(f'error: no GPU/TPU backend: jax {jax.__version__} sees only '
-          f'{jax.devices()}; install the CUDA build (pip install -U '
-          "'jax[cuda12]') or pass --smoke to try this script on the CPU",
-          file=sys.stderr)
+          f'{jax.devices()}; if a CUDA plugin is installed, its message above '
+          "says why it did not start, else install one (pip install -U "
+          "'jax[cuda13]', or 'jax[cuda12]' for a CUDA 12 driver), or pass "
+          '--smoke to try this script on the CPU', file=sys.stderr)
     return 2
   sizes = SMOKE if args.smoke else FULL
   started = time.time()
@@ -293,26 +335,72 @@ def main(argv=None) -> int:
                           (sys.argv[1:] if argv is None else list(argv))),
       'device': {'platform': device.platform, 'kind': device.device_kind,
                  'count': jax.device_count()},
-      'jax': jax.__version__, 'host': machine_info(),
+      'jax': jax.__version__, 'packages': _package_versions(),
+      'host': machine_info(),
   }
   parts = {
       'speed': lambda: train_speed(sizes, args),
-      'pipeline': lambda: pipeline_speed(
-          sizes, args, result['speed']['train']['images_per_s']),
+      'pipeline': lambda: pipeline_speed(sizes, args, _train_rate(result)),
       'conv': lambda: conv_accuracy(sizes, device, jax.devices('cpu')[0]),
   }
   result['part_s'] = {}
+  if out:  # the device and versions, even if the first part never ends
+    _write(out, result)
   for name, measure in parts.items():
     start = time.time()
-    result[name] = measure()
+    try:
+      result[name] = measure()
+    except Exception as e:  # pylint: disable=broad-except
+      # One lent device, minutes long: a part that breaks (a package the
+      # device's image lacks, an out-of-memory) must not cost the others.
+      traceback.print_exc()
+      result[name] = {'error': f'{type(e).__name__}: {e}'.splitlines()[0]}
     result['part_s'][name] = round(time.time() - start, 1)
-  result['wall_s'] = round(time.time() - started, 1)
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'w') as f:
-      json.dump(result, f, indent=2)
+    result['wall_s'] = round(time.time() - started, 1)
+    if out:  # after every part: a run cut off by its time limit keeps these
+      _write(out, result)
   print(summary(result))
-  return 0 if result['conv']['ok'] else 1
+  failed = [name for name in parts if 'error' in result[name]]
+  if failed:
+    missing = any(result[name]['error'].startswith('ModuleNotFoundError')
+                  for name in failed)
+    print(f"error: device_check part{'s' if len(failed) > 1 else ''} "
+          f"{', '.join(failed)} failed (traceback above)"
+          + ('; for a package missing on a machine without an index, run '
+             'bash benchmarks/device_wheels.sh where pip reaches one and '
+             'carry .whl' if missing else '')
+          + ('; the other parts were measured'
+             if len(failed) < len(parts) else ''), file=sys.stderr)
+  return 0 if not failed and result['conv']['ok'] else 1
+
+
+# What a device's image brings and what .whl/ adds (benchmarks/
+# device_wheels.sh): a part that fails on a version has it on record.
+_PACKAGES = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'flax',
+             'optax', 'chex', 'orbax-checkpoint', 'numpy', 'protobuf', 'grain',
+             'tensorflow-datasets', 'ml_collections', 'pillow')
+
+
+def _package_versions() -> dict:
+  versions = {}
+  for name in _PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def _train_rate(result: dict) -> Optional[float]:
+  speed = result.get('speed', {})
+  return speed['train']['images_per_s'] if 'train' in speed else None
+
+
+def _write(out: str, result: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + '.tmp', 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(out + '.tmp', out)
 
 
 if __name__ == '__main__':

@@ -70,6 +70,11 @@ def cpu_label(cpu: dict) -> str:
   return f"{cpu.get('model_name')} ({detail})"
 
 
+KERNEL_SETTINGS = ('ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'XLA_FLAGS',
+                   'FLAX_RESNET_ONEDNN', 'FLAX_RESNET_MALLOC',
+                   'OMP_NUM_THREADS')
+
+
 def machine_info() -> dict:
   """CPU model, core count, memory and Python, for a result file."""
   info = {'python': platform.python_version(), 'cpu_count': os.cpu_count(),
@@ -79,6 +84,10 @@ def machine_info() -> dict:
       info['mem_total_gb'] = round(int(f.readline().split()[1]) / 2**20, 1)
   except OSError:
     pass
+  # Settings that change which kernels run (ONEDNN_MAX_CPU_ISA=AVX2 stands in
+  # for a CPU without AVX-512): a result measured under them says so.
+  info['kernel_settings'] = {name: os.environ[name]
+                             for name in KERNEL_SETTINGS if name in os.environ}
   return info
 
 

@@ -1,9 +1,7 @@
 """flax_resnet: ResNets for JAX as pure-functional Flax Linen modules."""
 
-import importlib
-import importlib.util
-
 from flax_resnet import host_allocator
+from flax_resnet import lazy_exports
 
 # Before JAX starts its CPU backend, or never: see host_allocator.py.
 host_allocator.configure()
@@ -28,16 +26,4 @@ __all__ = [*_EXPORTS, 'nnx']
 __version__ = '0.1.0'
 
 
-def __getattr__(name):
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-  if importlib.util.find_spec(f'{__name__}.{name}') is not None:
-    # A submodule, as `import flax_resnet` used to load (nnx: flax.nnx).
-    return importlib.import_module(f'{__name__}.{name}')
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-  return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports.attach(__name__, globals(), _EXPORTS)

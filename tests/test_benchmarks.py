@@ -43,6 +43,16 @@ def test_cpu_model_records_the_kernel_choosing_flags():
   assert machine.machine_info()['cpu']['model_name']
 
 
+def test_machine_info_records_kernel_capping_settings(monkeypatch):
+  for name in machine.KERNEL_SETTINGS:
+    monkeypatch.delenv(name, raising=False)
+  assert machine.machine_info()['kernel_settings'] == {}
+  monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_max_isa=AVX2')
+  assert machine.machine_info()['kernel_settings'] == {
+      'ONEDNN_MAX_CPU_ISA': 'AVX2', 'XLA_FLAGS': '--xla_cpu_max_isa=AVX2'}
+
+
 def run_device_check(*args, timeout=600):
   return subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', 'device_check.py'),
@@ -88,7 +98,7 @@ def test_device_check_says_when_jax_sees_no_gpu():
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
       'error: no GPU/TPU backend: jax '), result.stderr
-  assert "pip install -U 'jax[cuda12]'" in lines[0]
+  assert "pip install -U 'jax[cuda13]'" in lines[0]
 
 
 def test_alternate_reports_kernel_time_and_page_faults_per_round():
@@ -124,3 +134,104 @@ def test_step_faults_measures_both_settings(tmp_path):
   # (measured 49,153 faults per step, every step).
   assert by_setting['off']['minor_faults_per_step'] > 1000, by_setting
   assert by_setting['on']['peak_rss_mb'] > 0
+
+
+def test_device_check_a_failing_part_keeps_the_others(tmp_path, monkeypatch,
+                                                      capsys):
+  """One lent device, minutes long: a part that raises costs only itself."""
+  import device_check  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'check.json'
+
+  def out_of_memory(sizes, args):
+    raise RuntimeError('RESOURCE_EXHAUSTED: out of memory\nallocator details')
+
+  def conv_once_the_others_are_on_disk(sizes, device, host):
+    on_disk = json.loads(out.read_text())  # rewritten after every part
+    assert on_disk['speed'] == {
+        'error': 'RuntimeError: RESOURCE_EXHAUSTED: out of memory'}
+    assert on_disk['pipeline']['images_per_s'] > 0
+    return {'device_convs': 'XLA', 'host_convs': 'XLA',
+            'logits_relative_error': 0.0, 'grads_relative_error': 1e-7,
+            'ok': True}
+
+  monkeypatch.setattr(device_check, 'train_speed', out_of_memory)
+  monkeypatch.setattr(device_check, 'conv_accuracy',
+                      conv_once_the_others_are_on_disk)
+  status = device_check.main(['--smoke', '--workers', '0', '--out', str(out)])
+  captured = capsys.readouterr()
+  assert status == 1
+  record = json.loads(out.read_text())
+  assert record['conv']['ok'], record['conv']
+  # No train rate to compare the pipeline with: no ratio, no bottleneck claim.
+  assert record['pipeline']['pipeline_over_train'] is None
+  assert record['pipeline']['bottleneck'] is False
+  assert set(record['part_s']) == {'speed', 'pipeline', 'conv'}
+  summary = captured.out.strip().splitlines()[-1]
+  assert ('speed: ERROR RuntimeError: RESOURCE_EXHAUSTED: out of memory | '
+          'input pipeline 0 workers ') in summary, summary
+  assert '(no train rate to compare) | f32 XLA vs host XLA' in summary
+  assert 'Traceback' in captured.err and 'allocator details' in captured.err
+  assert captured.err.strip().splitlines()[-1] == (
+      'error: device_check part speed failed (traceback above); the other '
+      'parts were measured')
+
+
+# What the GPU machines' image ('cuda', /work/.library/device/KINDS.md, read
+# 2026-11-17) already holds of flax_resnet's dependency closure.
+DEVICE_IMAGE_HAS = {
+    'absl-py', 'attrs', 'chex', 'cloudpickle', 'etils', 'flax', 'h5py', 'jax',
+    'numpy', 'optax', 'orbax-checkpoint', 'packaging', 'pillow', 'protobuf',
+    'psutil', 'pyarrow', 'pyyaml', 'requests', 'safetensors', 'six', 'tqdm',
+    'typing-extensions', 'wrapt'}
+# 160 MB, over a call's 64 MiB carry: the device's host CPU then runs XLA's
+# convolutions in part (c), which the summary names.
+NOT_CARRIED = {'onednn-cpu-gomp', 'onednn-devel-cpu-gomp'}
+
+
+def test_device_wheels_cover_what_the_gpu_image_lacks():
+  """benchmarks/device_wheels.sh's list = the closure of flax_resnet's
+  requirements on the device's Python 3.12, less its image, and each pin
+  satisfies every requirement on it."""
+  import importlib.metadata as metadata  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  from packaging.version import Version  # pylint: disable=g-import-not-at-top
+
+  def canonical(name):
+    return re.sub(r'[-_.]+', '-', name).lower()
+
+  with open(os.path.join(REPO, 'benchmarks', 'device_wheels.sh')) as f:
+    script = f.read()
+  def pinned(array):  # NAME=( pkg==1.2 ... ) in the script
+    body = re.search(rf'^{array}=\(([^)]*)\)', script, re.M).group(1)
+    return {canonical(name): Version(version) for name, version in
+            re.findall(r'([A-Za-z0-9_.-]+)==([0-9][0-9A-Za-z.]*)', body)}
+
+  pins = {**pinned('WHEELS'), **pinned('SOURCE_ONLY')}
+  # Carried for image packages whose version is not on record, installed
+  # where the image's is older: each must meet every requirement on it.
+  if_older = pinned('IF_OLDER')
+  assert set(if_older) <= DEVICE_IMAGE_HAS
+  device = {'python_version': '3.12', 'python_full_version': '3.12.1',
+            'sys_platform': 'linux', 'platform_machine': 'x86_64',
+            'implementation_name': 'cpython', 'extra': ''}
+  lacking, unmet, todo = set(), [], ['flax-resnet']
+  while todo:
+    for line in metadata.requires(todo.pop()) or []:
+      requirement = Requirement(line)
+      if requirement.marker and not requirement.marker.evaluate(device):
+        continue
+      name = canonical(requirement.name)
+      if name in if_older and if_older[name] not in requirement.specifier:
+        unmet.append(f'{line} (device_wheels.sh carries {if_older[name]})')
+      if name in DEVICE_IMAGE_HAS or name in NOT_CARRIED:
+        continue
+      if name in pins and pins[name] not in requirement.specifier:
+        unmet.append(f'{line} (device_wheels.sh pins {pins[name]})')
+      if name not in lacking:
+        lacking.add(name)
+        todo.append(name)
+  assert lacking == set(pins), (
+      f'add to device_wheels.sh: {sorted(lacking - set(pins))}; '
+      f'drop: {sorted(set(pins) - lacking)}')
+  assert not unmet, unmet

@@ -316,3 +316,23 @@ def test_every_shipped_config_validates(name):
   module = importlib.import_module(f'configs.{name}')
   spec = config_check.validate_config(module.get_config())
   assert spec.num_classes == module.get_config().num_classes
+
+
+def test_the_steps_import_without_the_data_packages():
+  """`flax_resnet.train` loads its names on first use, so the jitted steps
+  need only jax, flax and optax (a GPU image without grain or TFDS runs
+  benchmarks/device_check.py's speed and conv parts)."""
+  probe = textwrap.dedent("""
+      import sys
+      from flax_resnet.train import steps
+      heavy = {'grain', 'tensorflow_datasets', 'orbax', 'ml_collections',
+               'flax_resnet.data'}
+      print(sorted(heavy & set(sys.modules)))
+      from flax_resnet.train import train_and_evaluate, default_config
+      import flax_resnet.train as train
+      print(train.loop.__name__, 'grain' in sys.modules)
+  """)
+  out = subprocess.run([sys.executable, '-c', probe], check=True,
+                       capture_output=True, text=True, cwd=REPO,
+                       timeout=300).stdout.splitlines()
+  assert out == ['[]', 'flax_resnet.train.loop True']
