@@ -255,11 +255,12 @@ def _speed_text(speed: dict) -> str:
 
 def _pipeline_text(pipe: dict) -> str:
   if pipe['pipeline_over_train'] is None:
-    return (f"input pipeline {pipe['worker_count']} workers "
-            f"{pipe['images_per_s']} img/s (no train rate to compare)")
+    versus = ' (no train rate to compare)'
+  else:
+    versus = (f" = {pipe['pipeline_over_train']}x the train step"
+              f"{' (BOTTLENECK)' if pipe['bottleneck'] else ''}")
   return (f"input pipeline {pipe['worker_count']} workers "
-          f"{pipe['images_per_s']} img/s = {pipe['pipeline_over_train']}x "
-          f"the train step{' (BOTTLENECK)' if pipe['bottleneck'] else ''}")
+          f"{pipe['images_per_s']} img/s{versus}")
 
 
 def _conv_text(conv: dict) -> str:
