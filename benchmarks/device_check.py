@@ -346,7 +346,12 @@ def main(argv=None) -> int:
   }
   result['part_s'] = {}
   if out:  # the device and versions, even if the first part never ends
-    _write(out, result)
+    try:
+      _write(out, result)
+    except OSError as e:
+      print(f'error: --out {out}: cannot write it ({e.strerror}); pass a '
+            'path in a writable folder', file=sys.stderr)
+      return 2
   for name, measure in parts.items():
     start = time.time()
     try:

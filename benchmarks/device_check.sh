@@ -24,7 +24,12 @@ except metadata.PackageNotFoundError:
   # One install: a second --target --upgrade would replace the namespace
   # folder (google/) the first one filled.
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --no-warn-conflicts --upgrade --target /tmp/site "${wheels[@]}" || exit 1
+    --no-warn-conflicts --upgrade --target /tmp/site "${wheels[@]}" || {
+    echo "error: .whl/: pip could not install it into /tmp/site (its message" \
+      "is above); the wheels are for the GPU image's Python 3.12 on x86_64" \
+      "(PYTHON=$PY): refill .whl with bash benchmarks/device_wheels.sh" >&2
+    exit 1
+  }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # flax_resnet, uninstalled

@@ -101,6 +101,20 @@ def test_device_check_says_when_jax_sees_no_gpu():
   assert "pip install -U 'jax[cuda13]'" in lines[0]
 
 
+def test_device_check_unwritable_out_is_one_error_line_before_measuring(
+    tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  result = run_device_check('--smoke', '--out',
+                            str(blocker / 'runs' / 'check.json'), timeout=120)
+  assert result.returncode == 2 and result.stdout == ''
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1] == (f'error: --out {blocker}/runs/check.json: cannot '
+                       'write it '
+                       '(Not a directory); pass a path in a writable folder')
+  assert 'Traceback' not in result.stderr
+
+
 def test_alternate_reports_kernel_time_and_page_faults_per_round():
   import run  # pylint: disable=g-import-not-at-top
   touched = []
